@@ -1,0 +1,39 @@
+"""si_ks2py: Kilosort 2.0 in Python, as the SpikeInterface sorter "ks2py".
+
+``import si_ks2py`` registers the sorter, so ``spikeinterface.sorters.run_sorter("ks2py", recording, folder=...)``
+works.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .params import default_params  # noqa: E402
+from .sorter import Ks2PySorter  # noqa: E402
+
+
+def _register():
+    """Add Ks2PySorter to SpikeInterface's sorter list (the objects run_sorter looks names up in)."""
+    from spikeinterface.sorters import sorterlist
+
+    if Ks2PySorter not in sorterlist.sorter_full_list:
+        sorterlist.sorter_full_list.append(Ks2PySorter)
+    sorterlist.sorter_dict[Ks2PySorter.sorter_name] = Ks2PySorter
+
+
+_register()
+
+
+def run(recording, output_folder, verbose: bool = True, **params):
+    """Sort without SpikeInterface's folder handling (an existing output folder is resumed, not deleted).
+
+    Returns the sorting as a SpikeInterface NumpySorting.
+    """
+    from .export.sorting import read_sorting
+    from .pipeline import run as run_pipeline
+
+    ctx = run_pipeline(recording, output_folder, params, verbose=verbose)
+    return read_sorting(ctx.output_folder)
+
+
+__all__ = ["Ks2PySorter", "default_params", "run", "__version__"]

@@ -1,0 +1,182 @@
+"""The run context (``ctx``) and the on-disk cache of intermediate arrays.
+
+``ctx.intermediate.Wrot = array`` writes ``Wrot.npy`` into the cache folder atomically (temporary file, then
+rename) and records in ``manifest.json`` which stage wrote it under which fingerprint; reading
+``ctx.intermediate.Wrot`` loads it back. An array is only ever read back when its recorded fingerprint equals the
+fingerprint the current run computes for that stage, so a changed param or recording never reuses a stale array,
+and a file whose write was interrupted is never listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class Bunch(dict):
+    """A dict whose keys are also attributes (``b.x is b["x"]``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __delattr__(self, name):
+        del self[name]
+
+
+def fingerprint(*parts) -> str:
+    """A stable hash of JSON-serialisable parts (numbers, strings, lists, dicts)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _atomic_write(path: Path, write):
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs should read like any other file
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class Intermediate:
+    """Attribute access to the cached arrays of one run.
+
+    ``stage_fingerprints`` maps each stage to the fingerprint this run computes for it; ``current_stage`` names
+    the stage whose outputs are being written. Arrays kept in memory (``keep``) are not written to disk.
+    """
+
+    _own = ("folder", "stage_fingerprints", "current_stage", "_memory", "_manifest")
+
+    def __init__(self, folder, stage_fingerprints: dict[str, str]):
+        object.__setattr__(self, "folder", Path(folder))
+        object.__setattr__(self, "stage_fingerprints", dict(stage_fingerprints))
+        object.__setattr__(self, "current_stage", None)
+        object.__setattr__(self, "_memory", {})
+        self.folder.mkdir(parents=True, exist_ok=True)
+        manifest = {"arrays": {}, "files": {}, "stages": {}}
+        path = self.folder / "manifest.json"
+        if path.exists():
+            try:
+                manifest.update(json.loads(path.read_text()))
+            except json.JSONDecodeError:  # a manifest is replaced atomically; unreadable means foreign: start anew
+                pass
+        object.__setattr__(self, "_manifest", manifest)
+
+    # --- bookkeeping -------------------------------------------------------------------------------------
+    def _save_manifest(self):
+        text = json.dumps(self._manifest, indent=1, sort_keys=True).encode()
+        _atomic_write(self.folder / "manifest.json", lambda f: f.write(text))
+
+    def _entry_is_valid(self, entry) -> bool:
+        return entry is not None and self.stage_fingerprints.get(entry["stage"]) == entry["fingerprint"]
+
+    def _record(self, kind: str, name: str):
+        stage = self.current_stage
+        if stage is None:
+            raise RuntimeError(f"intermediate '{name}' written outside a stage")
+        self._manifest[kind][name] = {"stage": stage, "fingerprint": self.stage_fingerprints[stage]}
+        self._save_manifest()
+
+    def stage_is_done(self, stage: str) -> bool:
+        return self._manifest["stages"].get(stage) == self.stage_fingerprints[stage]
+
+    def mark_stage_done(self, stage: str):
+        self._manifest["stages"][stage] = self.stage_fingerprints[stage]
+        self._save_manifest()
+
+    def has(self, name: str) -> bool:
+        if name in self._memory:
+            return True
+        entry = self._manifest["arrays"].get(name)
+        return self._entry_is_valid(entry) and (self.folder / f"{name}.npy").exists()
+
+    # --- arrays ------------------------------------------------------------------------------------------
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in self._memory:
+            return self._memory[name]
+        if not self.has(name):
+            raise AttributeError(f"no valid intermediate '{name}' in {self.folder}")
+        path = self.folder / f"{name}.npy"
+        # large arrays (spike features) are memory-mapped read-only so reading them costs no RAM up front
+        value = np.load(path, mmap_mode="r" if path.stat().st_size > 100e6 else None, allow_pickle=False)
+        self._memory[name] = value
+        return value
+
+    def __setattr__(self, name, value):
+        if name in self._own:
+            object.__setattr__(self, name, value)
+            return
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise TypeError(f"intermediate '{name}' must be a numeric array, got {type(value).__name__}")
+        _atomic_write(self.folder / f"{name}.npy", lambda f: np.save(f, array, allow_pickle=False))
+        self._memory[name] = array
+        self._record("arrays", name)
+
+    def keep(self, **arrays):
+        """Hold arrays for later stages of this run without writing them (cheap to recompute)."""
+        self._memory.update(arrays)
+
+    # --- files (the whitened data) -----------------------------------------------------------------------
+    def file_path(self, name: str) -> Path:
+        """Path of a valid cached file, or FileNotFoundError."""
+        path = self.folder / name
+        if not (self._entry_is_valid(self._manifest["files"].get(name)) and path.exists()):
+            raise FileNotFoundError(f"no valid cached file '{name}' in {self.folder}")
+        return path
+
+    def has_file(self, name: str) -> bool:
+        try:
+            self.file_path(name)
+            return True
+        except FileNotFoundError:
+            return False
+
+    @contextlib.contextmanager
+    def write_file(self, name: str):
+        """Yield a temporary path to write; on success it is renamed to ``name`` and recorded."""
+        final = self.folder / name
+        tmp = self.folder / f".{name}.part"
+        self._manifest["files"].pop(name, None)
+        try:
+            yield tmp
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._record("files", name)
+
+    def forget_file(self, name: str):
+        """Delete a cached file (e.g. delete_tmp_files) and the record of it."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.folder / name).unlink()
+        self._manifest["files"].pop(name, None)
+        self._save_manifest()
+
+
+class Context(Bunch):
+    """What a run carries: ``raw_data`` (the SpikeInterface recording), ``probe`` (see probe.py), ``params``
+    (the resolved run parameters, Kilosort names), ``intermediate`` (cached arrays), ``ops`` (the op table of
+    the chosen device), ``output_folder``, ``user_params`` (as given) and ``timings`` (seconds per stage)."""

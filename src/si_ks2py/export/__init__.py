@@ -1,0 +1,1 @@
+"""Outputs of a sort: the Phy folder and the SpikeInterface sorting."""

@@ -1,0 +1,94 @@
+"""Batched reads of the SpikeInterface recording and of the whitened data file.
+
+Batch geometry: batches advance by ``L = NT - ntbuff`` samples (Kilosort 2.0's stride) and batch ``k`` owns the
+samples ``[L*k, L*(k+1))``. Preprocessing computes them from a read with ``2*ntbuff`` samples of filter context
+before and ``3*ntbuff`` after (Kilosort's read window); the whitened file holds each sample once: int16
+``[n_samples, Nchan]``, time rows, the sorted range only. Later stages read batch ``k`` with a margin on each side
+and keep only the spikes whose time falls in the batch's own samples, so every sample is searched exactly once
+and spikes at batch edges are found like any other (Kilosort 2.0's batches left ~60 samples unsearched at each
+edge, MouseLand/Kilosort#594).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+class RecordingReader:
+    """Reads ranges of the sorted part ``[t_start, t_stop)`` of one recording segment.
+
+    ``channel_indices`` selects recording channels (0-based); ranges are relative to ``t_start`` and clipped to
+    the sorted range. Traces come back in the recording's dtype, [n, len(channel_indices)].
+    """
+
+    def __init__(self, recording, t_start: int, t_stop: int, channel_indices):
+        self.recording = recording
+        self.t_start = int(t_start)
+        self.n_samples = int(t_stop) - int(t_start)
+        self.channel_ids = recording.get_channel_ids()[np.asarray(channel_indices)]
+
+    def clip(self, start: int, stop: int) -> tuple[int, int]:
+        return max(0, start), min(self.n_samples, stop)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        start, stop = self.clip(start, stop)
+        return self.recording.get_traces(
+            segment_index=0,
+            start_frame=self.t_start + start,
+            end_frame=self.t_start + stop,
+            channel_ids=self.channel_ids,
+            return_in_uV=False,
+        )
+
+
+def chunk_windows(k: int, NT: int, ntbuff: int, n_samples: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Preprocessing chunk ``k``: (read range, unique output range), both relative to the sorted range."""
+    L = NT - ntbuff
+    out = (L * k, min(L * (k + 1), n_samples))
+    read = (max(0, out[0] - 2 * ntbuff), min(n_samples, out[1] + 3 * ntbuff))
+    return read, out
+
+
+def prefetch(function, items):
+    """Yield ``(item, function(item))`` while a background thread already computes the next one (IO overlap)."""
+    items = list(items)
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(function, items[0])
+        for i, item in enumerate(items):
+            result = future.result()
+            if i + 1 < len(items):
+                future = pool.submit(function, items[i + 1])
+            yield item, result
+
+
+class WhitenedData:
+    """The whitened int16 data ``[n_samples, Nchan]``, read as float32 batches (divided by scaleproc).
+
+    ``source`` is the path of the whitened file or an in-memory int16 array of the same shape.
+    """
+
+    def __init__(self, source, n_samples: int, n_channels: int, scaleproc: float):
+        if isinstance(source, (str, Path)):
+            self.data = np.memmap(source, dtype=np.int16, mode="r", shape=(n_samples, n_channels))
+        else:
+            self.data = source
+        self.n_samples = n_samples
+        self.n_channels = n_channels
+        self.scaleproc = float(scaleproc)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """int16 rows [start, stop) with zeros where the range leaves the data, [stop - start, Nchan]."""
+        out = np.zeros((stop - start, self.n_channels), dtype=np.int16)
+        a, b = max(0, start), min(self.n_samples, stop)
+        if b > a:
+            out[a - start:b - start] = self.data[a:b]
+        return out
+
+    def batch(self, k: int, stride: int, margin: int) -> np.ndarray:
+        """int16 samples ``[stride*k - margin, stride*(k+1) + margin)``, [stride + 2*margin, Nchan]."""
+        return self.read(stride * k - margin, stride * (k + 1) + margin)

@@ -1,0 +1,175 @@
+"""Runs the stages in order, skipping those whose outputs are cached for the same fingerprint.
+
+Each stage's fingerprint chains the previous stage's fingerprint with the stage's version and the params it
+reads (params.py says which), starting from a fingerprint of the recording. So a changed param reruns its stage
+and everything after it, and a changed recording reruns everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from . import params as params_module
+from .backend import get_ops
+from .context import Context, Intermediate, fingerprint
+from .probe import probe_from_recording
+
+logger = logging.getLogger("si_ks2py")
+
+#: Cached stages in run order (export always runs). Bump a stage's version when its results change.
+STAGE_VERSIONS = {"preprocess": 1, "reorder": 1, "learn": 1, "extract": 1, "merge": 1, "split": 1, "cutoff": 1}
+STAGES = tuple(STAGE_VERSIONS)
+
+
+def recording_fingerprint(recording) -> str:
+    """Shape, rate, channels, locations and the bytes of 8 short windows spread over the recording."""
+    n = recording.get_num_samples(segment_index=0)
+    parts = [
+        recording.get_sampling_frequency(),
+        n,
+        str(recording.get_dtype()),
+        [str(c) for c in recording.get_channel_ids()],
+        np.round(recording.get_channel_locations(), 6).tolist(),
+    ]
+    for start in np.linspace(0, max(n - 256, 0), 8).astype(int):
+        traces = recording.get_traces(segment_index=0, start_frame=int(start), end_frame=int(min(n, start + 256)))
+        parts.append(hashlib.sha256(np.ascontiguousarray(traces).tobytes()).hexdigest())
+    return fingerprint(parts)
+
+
+def stage_fingerprints(recording_fp: str, full_params: dict) -> dict[str, str]:
+    fps, fp = {}, recording_fp
+    for stage in STAGES:
+        values = {name: full_params[name] for name in params_module.params_of_stage(stage)}
+        fp = fingerprint(fp, stage, STAGE_VERSIONS[stage], values)
+        fps[stage] = fp
+    return fps
+
+
+def stage_module(stage: str):
+    try:
+        return importlib.import_module(f"si_ks2py.stages.{stage}")
+    except ModuleNotFoundError as err:
+        if err.name != f"si_ks2py.stages.{stage}":
+            raise
+        raise NotImplementedError(f"ks2py stage '{stage}' is not implemented yet; the run stopped before it") from None
+
+
+def check_recording(recording):
+    """Errors about the recording that must come before any work."""
+    if recording.get_num_segments() != 1:
+        raise ValueError(
+            f"ks2py sorts one segment, this recording has {recording.get_num_segments()}: join them with "
+            "spikeinterface.concatenate_recordings([recording])"
+        )
+
+
+def build_context(recording, output_folder, user_params: dict | None = None, verbose: bool = True) -> Context:
+    """Validate everything, resolve params and probe, open the cache: all before any heavy work."""
+    check_recording(recording)
+    full = params_module.validate(user_params or {}, recording.get_sampling_frequency())
+    run_params = params_module.resolve(full, recording.get_sampling_frequency(), recording.get_num_samples(0))
+    probe = probe_from_recording(recording)
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    cache_folder = Path(full["cache_folder"]) if full["cache_folder"] is not None else output_folder / "cache"
+    fps = stage_fingerprints(recording_fingerprint(recording), full)
+    return Context(
+        raw_data=recording,
+        probe=probe,
+        params=run_params,
+        user_params=full,
+        intermediate=Intermediate(cache_folder, fps),
+        ops=get_ops(full["device"]),
+        output_folder=output_folder,
+        show_progress=bool(full["progress"]) and verbose,
+        timings={},
+    )
+
+
+def _declared(stage: str, attribute: str) -> tuple:
+    """A stage module's OUTPUTS / FILES / FILE_INPUTS; None for a stage not implemented yet."""
+    try:
+        return getattr(stage_module(stage), attribute)
+    except NotImplementedError:
+        return None
+
+
+def stages_to_run(ctx, stages: tuple[str, ...] = STAGES) -> list[str]:
+    """From the first stage that is not cached on; plus the producer of a missing file a running stage reads."""
+    ir = ctx.intermediate
+
+    def done(stage):
+        outputs, files = _declared(stage, "OUTPUTS"), _declared(stage, "FILES")
+        return (outputs is not None and ir.stage_is_done(stage) and all(ir.has(name) for name in outputs)
+                and all(ir.has_file(name) for name in files))
+
+    first = next((i for i, stage in enumerate(stages) if not done(stage)), len(stages))
+    to_run = list(stages[first:])
+    needed = {f for stage in to_run for f in (_declared(stage, "FILE_INPUTS") or ()) if not ir.has_file(f)}
+    producers = [s for s in stages[:first] if needed & set(_declared(s, "FILES"))]
+    return producers + to_run
+
+
+@contextlib.contextmanager
+def run_log(output_folder: Path, verbose: bool):
+    """Log to <output>/ks2py.log (SpikeInterface copies it into its log) and, when verbose, to the console."""
+    handlers = [logging.FileHandler(output_folder / "ks2py.log")]
+    if verbose:
+        handlers.append(logging.StreamHandler())
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(h)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+
+
+def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
+    ir = ctx.intermediate
+    stages = STAGES if stop_after is None else STAGES[:STAGES.index(stop_after) + 1]
+    to_run = stages_to_run(ctx, stages)
+    for stage in stages:
+        if stage not in to_run:
+            logger.info("%-10s cached, skipped", stage)
+            continue
+        module = stage_module(stage)
+        ir.current_stage = stage
+        t0 = time.perf_counter()
+        module.run(ctx)
+        ctx.ops.synchronize()
+        ctx.timings[stage] = time.perf_counter() - t0
+        ir.mark_stage_done(stage)
+        ir.current_stage = None
+        logger.info("%-10s done in %.2f s", stage, ctx.timings[stage])
+    return ctx
+
+
+def run(recording, output_folder, params: dict | None = None, verbose: bool = True, stop_after: str | None = None):
+    """Sort ``recording`` into ``output_folder``; returns the Context (its timings say what ran)."""
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    with run_log(output_folder, verbose):
+        ctx = build_context(recording, output_folder, params, verbose)
+        logger.info("ks2py %s: %d channels, %.1f s, device %s", __version__, len(ctx.probe.chanMap),
+                    ctx.params.n_samples / ctx.params.fs, ctx.ops.name)
+        run_stages(ctx, stop_after)
+        if stop_after is None:
+            from .export import run_export
+
+            run_export(ctx)
+    return ctx

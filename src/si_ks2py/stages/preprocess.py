@@ -1,0 +1,178 @@
+"""Preprocessing (preprocessDataSub.m): good channels, filtering, whitening, the whitened int16 file.
+
+Per chunk of the recording: channel selection, per-channel mean removal, common median reference, 3rd-order
+Butterworth high-pass (or band-pass with ``fslow``) applied forward then backward with zero initial state, the
+local whitening matrix ``Wrot`` (already times ``scaleproc``), rounding with saturation to int16. The recording is
+streamed: host memory does not depend on its length.
+
+Outputs: ``igood`` (bool per probe channel), ``chanMap``, ``xc``, ``yc``, ``kcoords`` of the kept channels,
+``Wrot`` [Nchan, Nchan] float64, and the file ``temp_wh.dat`` (int16 [n_samples, Nchan], see io.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from scipy import signal
+
+from ..io import RecordingReader, chunk_windows, prefetch
+from ..progress import progress_bar
+
+logger = logging.getLogger("si_ks2py")
+
+OUTPUTS = ("igood", "chanMap", "xc", "yc", "kcoords", "Wrot")
+FILES = ("temp_wh.dat",)
+FILE_INPUTS = ()
+
+
+def filter_coefficients(params) -> tuple[np.ndarray, np.ndarray]:
+    """3rd-order Butterworth high-pass at fshigh, or band-pass [fshigh, fslow] (b, a float64)."""
+    nyquist = params.fs / 2
+    if params.fslow is not None and params.fslow < nyquist:
+        return signal.butter(3, [params.fshigh / nyquist, params.fslow / nyquist], btype="bandpass")
+    return signal.butter(3, params.fshigh / nyquist, btype="high")
+
+
+def filter_traces(ops, traces, params, coefficients):
+    """gpufilter.m: traces [n, Nchan] (any dtype, selected channels) -> filtered float32 [n, Nchan] on the device."""
+    xp = ops.xp
+    x = ops.asarray(traces).astype(xp.float32)
+    x -= x.mean(axis=0, keepdims=True)
+    if params.CAR:
+        x -= xp.median(x, axis=1, keepdims=True)
+    return ops.filtfilt_zero_state(x, *coefficients)
+
+
+def get_good_channels(ops, reader: RecordingReader, params) -> np.ndarray:
+    """get_good_channels.m: bool [Nchan0], channels with at least minfr_goodchannels threshold crossings per second.
+
+    About 100 batches spread over the recording are filtered and z-scored per channel; a crossing is a local
+    minimum over +-30 samples below spkTh, away from the batch edges (filter transients). Channels that are
+    constant in the raw data are dropped even when minfr_goodchannels is 0: after the common median reference
+    they would only carry the other channels' median, and they break whitening.
+    """
+    xp = ops.xp
+    n_chan = len(reader.channel_ids)
+    L = params.NT - params.ntbuff
+    step = int(math.ceil(params.Nbatch / 100))
+    coefficients = filter_coefficients(params)
+    counts = xp.zeros(n_chan, dtype=xp.int64)
+    alive = xp.zeros(n_chan, dtype=bool)
+    seconds = 0.0
+    ranges = [(L * k, L * k + params.NT) for k in range(0, params.Nbatch, step)]
+    for (start, stop), traces in prefetch(lambda r: reader.read(*r), ranges):
+        raw = ops.asarray(traces)
+        alive |= (raw != raw[:1]).any(axis=0)
+        if traces.shape[0] <= 2 * params.nt0 or params.minfr_goodchannels == 0:
+            continue
+        x = filter_traces(ops, traces, params, coefficients)
+        std = x.std(axis=0)
+        x /= xp.where(std > 0, std, xp.inf)  # a constant channel becomes zeros: no crossings
+        is_min = (x < ops.running_min(x, 30, axis=0) + 1e-3) & (x < params.spkTh)
+        counts += is_min[params.nt0 - 1:x.shape[0] - params.nt0].sum(axis=0)
+        seconds += x.shape[0] / params.fs
+    alive = ops.to_host(alive)
+    if params.minfr_goodchannels == 0:
+        igood = alive
+    else:
+        igood = alive & (ops.to_host(counts) / max(seconds, 1e-12) >= params.minfr_goodchannels)
+    logger.info("good channels: %d of %d kept (%d constant; minfr_goodchannels=%g Hz)", igood.sum(), n_chan,
+                (~alive).sum(), params.minfr_goodchannels)
+    return igood
+
+
+def whitening_from_covariance(cc: np.ndarray) -> np.ndarray:
+    """whiteningFromCovariance.m: symmetric ZCA whitener E diag(1/sqrt(d + 1e-6)) E' of a covariance (float64)."""
+    d, e = np.linalg.eigh(cc)
+    return (e / np.sqrt(np.maximum(d, 0) + 1e-6)) @ e.T
+
+
+def whitening_local(cc: np.ndarray, xc: np.ndarray, yc: np.ndarray, n_range: int) -> np.ndarray:
+    """whiteningLocal.m: column j of Wrot whitens channel j using its n_range nearest channels, [Nchan, Nchan].
+
+    Output channel j = sum_i data[:, i] * Wrot[i, j]; Wrot is zero outside j's neighbourhood and not symmetric.
+    """
+    n_chan = len(xc)
+    n_range = min(n_range, n_chan)
+    wrot = np.zeros((n_chan, n_chan))
+    for j in range(n_chan):
+        distance = (xc - xc[j]) ** 2 + (yc - yc[j]) ** 2
+        distance[j] = -1  # the channel itself first, even if another one shares its position
+        local = np.argsort(distance, kind="stable")[:n_range]
+        wrot[local, j] = whitening_from_covariance(cc[np.ix_(local, local)])[:, 0]
+    return wrot
+
+
+def get_whitening_matrix(ops, reader: RecordingReader, xc, yc, params) -> np.ndarray:
+    """get_whitening_matrix.m: Wrot [Nchan, Nchan] float64, times scaleproc.
+
+    The covariance comes from every nSkipCov-th chunk, each filtered with its context and cropped to its own
+    samples; it is accumulated in float64 and divided by the number of samples used (Kilosort 2.0 divided by
+    ceil((Nbatch-1)/nSkipCov), which mis-scales it and is zero for one batch).
+    """
+    xp = ops.xp
+    coefficients = filter_coefficients(params)
+    n_chan = len(reader.channel_ids)
+    cc = xp.zeros((n_chan, n_chan), dtype=xp.float64)
+    n_used = 0
+    windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples)
+               for k in range(0, params.Nbatch, params.nSkipCov)]
+    for (read, out), traces in prefetch(lambda w: reader.read(*w[0]), windows):
+        x = filter_traces(ops, traces, params, coefficients)[out[0] - read[0]:out[1] - read[0]].astype(xp.float64)
+        cc += x.T @ x
+        n_used += x.shape[0]
+    cc = ops.to_host(cc) / n_used
+    if params.whiteningRange < n_chan:
+        wrot = whitening_local(cc, xc, yc, params.whiteningRange)
+    else:
+        wrot = whitening_from_covariance(cc)
+    return wrot * params.scaleproc
+
+
+def to_int16(ops, x):
+    """Round to nearest and saturate (MATLAB's int16()), not NumPy's truncating, wrapping astype."""
+    xp = ops.xp
+    return xp.clip(xp.rint(x), -32768, 32767).astype(xp.int16)
+
+
+def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, path, show_progress: bool):
+    """The main pass: every chunk filtered with its context, whitened, scaled, int16 -> ``path``."""
+    coefficients = filter_coefficients(params)
+    wrot_dev = ops.asarray(wrot, dtype=ops.xp.float32)
+    windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples) for k in range(params.Nbatch)]
+    with open(path, "wb") as f:
+        bar = progress_bar(total=len(windows), desc="preprocess", unit="batch", enabled=show_progress)
+        for (read, out), traces in prefetch(lambda w: reader.read(*w[0]), windows):
+            if params.skip_preprocessing:
+                x = ops.asarray(traces[out[0] - read[0]:out[1] - read[0]]).astype(ops.xp.float32)
+            else:
+                x = filter_traces(ops, traces, params, coefficients)[out[0] - read[0]:out[1] - read[0]] @ wrot_dev
+            f.write(ops.to_host(to_int16(ops, x)).tobytes())
+            bar.update()
+        bar.close()
+
+
+def run(ctx):
+    params, probe, ops, ir = ctx.params, ctx.probe, ctx.ops, ctx.intermediate
+    reader = RecordingReader(ctx.raw_data, params.t_start, params.t_stop, probe.chanMap)
+    if params.skip_preprocessing:
+        igood = np.ones(len(probe.chanMap), dtype=bool)
+    else:
+        igood = get_good_channels(ops, reader, params)
+    if not igood.any():
+        raise ValueError(
+            f"no channel has threshold crossings at {params.minfr_goodchannels} Hz or more (detect_threshold="
+            f"{-params.spkTh}): the recording may hold no spikes, or its scaling may be wrong. Set "
+            "minfr_goodchannels=0 to keep every channel."
+        )
+    chan_map, xc, yc, kcoords = (np.asarray(probe[k])[igood] for k in ("chanMap", "xc", "yc", "kcoords"))
+    reader = RecordingReader(ctx.raw_data, params.t_start, params.t_stop, chan_map)
+    if params.skip_preprocessing:
+        wrot = np.eye(len(chan_map))
+    else:
+        wrot = get_whitening_matrix(ops, reader, xc, yc, params)
+    with ir.write_file("temp_wh.dat") as tmp:
+        write_whitened(ops, reader, wrot, params, tmp, ctx.show_progress)
+    ir.igood, ir.chanMap, ir.xc, ir.yc, ir.kcoords, ir.Wrot = igood, chan_map, xc, yc, kcoords, wrot

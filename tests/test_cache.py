@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from si_ks2py.context import Intermediate
+from si_ks2py.pipeline import run, stage_fingerprints
+from si_ks2py import params
+from conftest import generate_recording
+
+
+def test_second_run_skips_cached_stage_and_changed_param_recomputes(tmp_path):
+    recording, _ = generate_recording(duration=4.0, seed=5)
+    folder = tmp_path / "out"
+    first = run(recording, folder, {}, verbose=False, stop_after="preprocess")
+    assert "preprocess" in first.timings
+    wrot = np.array(first.intermediate.Wrot)
+
+    again = run(recording, folder, {}, verbose=False, stop_after="preprocess")
+    assert again.timings == {}  # nothing ran
+    np.testing.assert_array_equal(again.intermediate.Wrot, wrot)
+
+    # a param of a later stage leaves preprocessing valid
+    later = run(recording, folder, {"AUCsplit": 0.8}, verbose=False, stop_after="preprocess")
+    assert later.timings == {}
+
+    changed = run(recording, folder, {"freq_min": 300.0}, verbose=False, stop_after="preprocess")
+    assert "preprocess" in changed.timings
+    assert not np.allclose(changed.intermediate.Wrot, wrot)
+
+
+def test_changed_recording_recomputes(tmp_path):
+    folder = tmp_path / "out"
+    run(generate_recording(duration=4.0, seed=5)[0], folder, {}, verbose=False, stop_after="preprocess")
+    other = run(generate_recording(duration=4.0, seed=6)[0], folder, {}, verbose=False, stop_after="preprocess")
+    assert "preprocess" in other.timings
+
+
+def test_fingerprints_chain_through_stages():
+    base = params.default_params()
+    fps = stage_fingerprints("rec", base)
+    split_changed = stage_fingerprints("rec", {**base, "AUCsplit": 0.5})
+    assert [fps[s] == split_changed[s] for s in fps] == [True] * 5 + [False] * 2
+    assert all(fps[s] != v for s, v in stage_fingerprints("other", base).items())
+    # run-only params never invalidate
+    assert stage_fingerprints("rec", {**base, "device": "cpu", "progress": False}) == fps
+
+
+def test_stale_or_half_written_arrays_are_never_read(tmp_path, monkeypatch):
+    ir = Intermediate(tmp_path, {"preprocess": "a"})
+    ir.current_stage = "preprocess"
+    ir.Wrot = np.eye(3)
+    assert ir.has("Wrot")
+
+    # same folder, another fingerprint for the stage: the array is stale
+    stale = Intermediate(tmp_path, {"preprocess": "b"})
+    assert not stale.has("Wrot")
+    with pytest.raises(AttributeError, match="no valid intermediate 'Wrot'"):
+        stale.Wrot
+
+    # a write that dies half-way leaves the previous version and no record of the new one
+    def dies(f, array, allow_pickle):
+        f.write(b"\x93NUMPY garbage")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        ir.Wrot = np.zeros((3, 3))
+    monkeypatch.undo()
+    fresh = Intermediate(tmp_path, {"preprocess": "a"})
+    np.testing.assert_array_equal(fresh.Wrot, np.eye(3))
+    assert not list(tmp_path.glob("*.part"))
+
+    # a file being written is recorded only once complete
+    with pytest.raises(RuntimeError):
+        with ir.write_file("temp_wh.dat") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError
+    assert not ir.has_file("temp_wh.dat")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert "temp_wh.dat" not in manifest["files"]
