@@ -39,7 +39,7 @@ extern "C" __global__ void running_window(const float* __restrict__ x, float* __
     const int t = (int)((i / inner) % n);
     const long long base = (i / ((long long)inner * n)) * n * inner + in;
     const int lo = max(0, t - hw), hi = min(n - 1, t + hw);
-    float acc = use_min ? INFINITY : 0.0f;
+    float acc = use_min ? __int_as_float(0x7f800000) : 0.0f;  // +inf
     for (int s = lo; s <= hi; s++) {
         const float v = x[base + (long long)s * inner];
         acc = use_min ? fminf(acc, v) : acc + v;
