@@ -92,3 +92,28 @@ class WhitenedData:
     def batch(self, k: int, stride: int, margin: int) -> np.ndarray:
         """int16 samples ``[stride*k - margin, stride*(k+1) + margin)``, [stride + 2*margin, Nchan]."""
         return self.read(stride * k - margin, stride * (k + 1) + margin)
+
+
+def open_whitened(ctx) -> WhitenedData:
+    """The whitened data of this run (written by the preprocess stage)."""
+    ir = ctx.intermediate
+    return WhitenedData(ir.file_path("temp_wh.dat"), ctx.params.n_samples, len(ir.chanMap), ctx.params.scaleproc)
+
+
+def batch_margin(params) -> int:
+    """Samples read beyond each side of a batch's own samples: room for the windows and lockouts of the
+    spikes near its edges (3 template lengths)."""
+    return 3 * params.nt0
+
+
+def load_batch(ctx, data: WhitenedData, k: int):
+    """Batch k with its margins as float32 on the device, in noise units: [L + 2*margin, Nchan]."""
+    p = ctx.params
+    raw = data.batch(k, p.NT - p.ntbuff, batch_margin(p))
+    return ctx.ops.asarray(raw).astype(ctx.ops.xp.float32) / ctx.ops.xp.float32(p.scaleproc)
+
+
+def batch_prefetch(ctx, data: WhitenedData, batches):
+    """Yield (k, int16 batch k with margins) with the next batch read in the background."""
+    p = ctx.params
+    return prefetch(lambda k: data.batch(k, p.NT - p.ntbuff, batch_margin(p)), batches)

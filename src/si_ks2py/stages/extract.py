@@ -1,0 +1,82 @@
+"""Spike extraction (runTemplates.m / trackAndSort.m of Kilosort 2.0): the final pass over every batch.
+
+Two sweeps start from the learnt mid-point templates (``dWU = mu W U'`` rebuilt, spike counts reset): one from
+the middle of the reordered batches to their start, one from the middle to their end. Templates keep
+tracking (running average with momentum[1]), the number of templates and their peak channels stay fixed,
+and matching pursuit runs at ``Th[-1]``, recording every spike with its template features (projections on
+the most similar templates) and PC features (on the template's channels).
+
+Outputs (spikes ordered by batch rank, then time, as in Kilosort 2.0): ``st3`` [n, 5] float64 (sample in the
+recording, template, amplitude, score sqrt(cost), rank of the batch in iorig), ``cProj`` [n, Nnearest]
+float32, ``cProjPC`` [n, 3, NchanNear] float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from .. import templates as tm
+from ..io import batch_margin, batch_prefetch, open_whitened
+from ..probe import nearest_channels
+from ..progress import progress_bar
+from .learn import match_and_update
+
+logger = logging.getLogger("si_ks2py")
+
+OUTPUTS = ("st3", "cProj", "cProjPC")
+FILES = ()
+FILE_INPUTS = ("temp_wh.dat",)
+
+
+def extraction_sweeps(iorig: np.ndarray) -> list[np.ndarray]:
+    """iorig[ihalf-1::-1] then iorig[ihalf:], each started from the mid-point templates."""
+    ihalf = int(math.ceil(len(iorig) / 2))
+    return [iorig[ihalf - 1::-1], iorig[ihalf:]]
+
+
+def run(ctx):
+    ops, p, ir = ctx.ops, ctx.params, ctx.intermediate
+    xp = ops.xp
+    data = open_whitened(ctx)
+    n_chan = len(ir.chanMap)
+    iorig = np.asarray(ir.iorig)
+    rank_of = np.empty(len(iorig), dtype=np.int64)
+    rank_of[iorig] = np.arange(len(iorig))
+    W_mid, U_mid, mu_mid = (ops.asarray(np.asarray(a, dtype=np.float64)) for a in (ir.W, ir.U, ir.mu))
+    dWU_mid = tm.dense_templates(W_mid, U_mid, mu_mid)
+    iC = nearest_channels(np.asarray(ir.xc), np.asarray(ir.yc), np.asarray(ir.kcoords), min(n_chan, 32))
+    Ka, Kb = tm.alignment_kernels(p.nt0, p.nt0min)
+    iW = tm.peak_channels(dWU_mid, p.nt0min)
+    sim = tm.similarity(W_mid.astype(xp.float32), U_mid.astype(xp.float32), ops.asarray(iC), iW, n_chan, 1)
+    fixed = {"iC": ops.asarray(iC), "iW": iW, "Ka": ops.asarray(Ka), "Kb": ops.asarray(Kb),
+             "neighbors": sim["neighbors"]}
+    feature_templates = ops.asarray(np.asarray(ir.iNeigh))
+    template_channels = fixed["iC"][iW]
+    wPCA = ops.asarray(np.asarray(ir.wPCA))
+    pm = math.exp(-1.0 / p.momentum[1])
+    stride, margin = p.NT - p.ntbuff, batch_margin(p)
+    rows, features, pc_features = [], [], []
+    bar = progress_bar(total=p.Nbatch, desc="extract", enabled=ctx.show_progress)
+    for sweep in extraction_sweeps(iorig):
+        state = {"W": W_mid, "U": U_mid, "mu": mu_mid, "dWU": dWU_mid, "nsp": xp.zeros(len(mu_mid))}
+        for k, raw in batch_prefetch(ctx, data, sweep):
+            batch = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
+            st, ids, y, x, residual, feat, W32, U32 = match_and_update(
+                ops, batch, state, fixed, p, int(k), p.Th[-1], pm, feature_templates)
+            pcs = ops.pc_features(residual, st, ids, y, W32, U32, template_channels, wPCA)
+            time = p.t_start + stride * int(k) - margin + st + p.nt0min
+            rows.append(np.column_stack([ops.to_host(time), ops.to_host(ids), ops.to_host(y), ops.to_host(x),
+                                         np.full(len(st), rank_of[k])]).astype(np.float64))
+            features.append(ops.to_host(feat))
+            pc_features.append(ops.to_host(pcs))
+            bar.update()
+    bar.close()
+    st3 = np.concatenate(rows)
+    order = np.lexsort((st3[:, 1], st3[:, 0], st3[:, 4]))  # batch rank, then time, then template
+    logger.info("extract: %d spikes from %d templates", len(st3), len(mu_mid))
+    ir.st3 = st3[order]
+    ir.cProj = np.concatenate(features)[order].astype(np.float32)
+    ir.cProjPC = np.concatenate(pc_features)[order].astype(np.float32)

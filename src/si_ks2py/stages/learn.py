@@ -1,0 +1,206 @@
+"""Template learning (learnAndSolve8b.m / learnTemplates.m of Kilosort 2.0).
+
+Starting from the middle of the reordered batches, learning walks to one end and back (``iorig[ihalf-1::-1]``
+then ``iorig[:ihalf]``). Each batch: templates sorted by peak channel, re-factorised from their running
+average ``dWU`` (svd_templates), matching pursuit at ``Th[0]``, the running average updated with weight
+``pm ** n_spikes`` where the momentum ``pm`` is annealed from momentum[0] to momentum[1] spikes, and every 5
+batches templates under minFR are dropped or merged into a twin (triage); new templates are seeded from the
+residual. The state at the end is the "mid-point" the extraction starts from.
+
+Outputs: ``wPCA`` [nt0, 3] and ``wTEMP`` [nt0, 6] (waveform PCs and prototypes), ``W`` [K, nt0, 3], ``U``
+[K, Nchan, 3], ``mu`` [K], ``dWU`` [K, nt0, Nchan], ``nsp`` [K], ``iW`` [K] peak channels, ``simScore`` [K, K],
+``iNeigh`` [K, Nnearest] most similar templates, ``iNeighPC`` [K, NchanNear] channels of each template.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from .. import templates as tm
+from ..io import batch_margin, batch_prefetch, open_whitened
+from ..probe import nearest_channels
+from ..progress import progress_bar
+from .reorder import isolated_peaks, spike_clips
+
+logger = logging.getLogger("si_ks2py")
+
+OUTPUTS = ("wPCA", "wTEMP", "W", "U", "mu", "dWU", "nsp", "iW", "simScore", "iNeigh", "iNeighPC")
+FILES = ()
+FILE_INPUTS = ("temp_wh.dat",)
+
+N_PROTOTYPES = 6  # NrankPC
+
+
+def extract_templates_from_snippets(ctx, data, rng) -> tuple[np.ndarray, np.ndarray]:
+    """extractTemplatesfromSnippets.m: (wTEMP [nt0, 6] prototype waveforms, wPCA [nt0, 3] temporal PCs).
+
+    Isolated single-channel spikes of every nskip-th batch (up to 1e5 clips); the prototypes come from 10
+    iterations of k-means on the clips' shapes (an empty cluster keeps its prototype, where Kilosort produced
+    NaN); the PCs are the clips' top singular vectors, PC1 negative at the trough.
+    """
+    ops, p = ctx.ops, ctx.params
+    xp = ops.xp
+    clips, n = [], 0
+    for k, raw in batch_prefetch(ctx, data, range(0, p.Nbatch, p.nskip)):
+        S = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
+        rows, cols = isolated_peaks(ops, S, p)
+        clips.append(spike_clips(ops, S, rows, cols, p))
+        n += len(rows)
+        if n > 1e5:
+            break
+    dd = ops.to_host(xp.concatenate(clips)).astype(np.float64)  # [n, nt0]
+    if len(dd) < N_PROTOTYPES:
+        raise ValueError(
+            f"only {len(dd)} isolated spikes below detect_threshold={-p.spkTh} were found: too few to learn "
+            "waveform shapes. The recording may hold no spikes; check its scaling or lower detect_threshold."
+        )
+    prototypes = dd[rng.permutation(len(dd))[:N_PROTOTYPES]].T  # [nt0, 6]
+    prototypes /= np.linalg.norm(prototypes, axis=0) + 1e-12
+    for _ in range(10):
+        cc = prototypes.T @ dd.T  # [6, n]
+        best = cc.argmax(axis=0)
+        for j in range(N_PROTOTYPES):
+            members = best == j
+            if members.any():
+                prototypes[:, j] = dd[members].T @ cc[j, members]
+        prototypes /= np.linalg.norm(prototypes, axis=0) + 1e-12
+    _, _, vt = np.linalg.svd(dd, full_matrices=False)
+    wPCA = vt[:N_PROTOTYPES].T.copy()
+    wPCA[:, 0] *= -np.sign(wPCA[p.nt0min - 1, 0]) if wPCA[p.nt0min - 1, 0] != 0 else 1
+    return prototypes.astype(np.float32), np.ascontiguousarray(wPCA[:, :p.Nrank]).astype(np.float32)
+
+
+def learning_order(iorig: np.ndarray) -> np.ndarray:
+    """Batches in learning order: from the middle of iorig to its start and back (2 * ceil(Nbatch / 2))."""
+    ihalf = int(math.ceil(len(iorig) / 2))
+    return np.concatenate([iorig[ihalf - 1::-1], iorig[:ihalf]])
+
+
+def owned(st, params, k: int):
+    """Spikes (window starts st in the batch read with margins) whose time belongs to batch k."""
+    stride, margin = params.NT - params.ntbuff, batch_margin(params)
+    t = st + params.nt0min
+    return (t >= margin) & (t < margin + stride) & (t - margin + stride * k < params.n_samples)
+
+
+def seed_templates(ops, residual, wTEMP, wPCA, iC, params):
+    """New templates from prototype-shaped events in the residual, smoothed by the waveform PCs: [n, nt0, Nchan]."""
+    xp = ops.xp
+    t, _ = ops.prototype_spikes(residual, wTEMP, iC, min(residual.shape[1], 7), params.Th[0])
+    snippets = residual[xp.asarray(t)[:, None] + xp.arange(params.nt0)[None, :]].astype(xp.float64)
+    w = xp.asarray(wPCA, dtype=xp.float64)
+    return xp.einsum("ta,sa,nsc->ntc", w, w, snippets)
+
+
+def template_update(dWU, nsp, dWU0, nsp0, pm: float, p1: float):
+    """Running average of the templates (weight pm ** n_spikes for the past) and of the spikes per batch."""
+    fexp = pm ** nsp0
+    dWU = dWU * fexp[:, None, None] + (1 - fexp)[:, None, None] * dWU0 / np.maximum(1, nsp0)[:, None, None]
+    return dWU, p1 * nsp + (1 - p1) * nsp0
+
+
+def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, pm: float, features=None):
+    """One batch of matching pursuit with the current templates and the running-average update of ``state``.
+
+    state: dict with W, U, mu, dWU, nsp (device arrays, float64); fixed: iC, iW, Ka, Kb (and the neighbour
+    structure when extracting). Returns the pursuit's outputs restricted to the batch's own spikes.
+    """
+    xp = ops.xp
+    if len(state["dWU"]) == 0:  # nothing learnt yet (e.g. a silent first batch): the residual is the data
+        empty = xp.zeros(0, dtype=xp.int64)
+        return empty, empty, xp.zeros(0, xp.float32), xp.zeros(0, xp.float32), data, None, None, None
+    W, U, mu = tm.svd_templates(state["dWU"], state["W"], fixed["iC"], fixed["iW"], fixed["Ka"], fixed["Kb"],
+                                params.nt0min)
+    state.update(W=W, U=U, mu=mu)
+    W32, U32, mu32 = (a.astype(xp.float32) for a in (W, U, mu))
+    neighbors, xcorr = fixed.get("neighbors"), None
+    if neighbors is None:
+        sim = tm.similarity(W32, U32, fixed["iC"], fixed["iW"], U.shape[1], 1)
+        neighbors, xcorr = sim["neighbors"], sim["xcorr"]
+    else:
+        valid = neighbors < len(W)
+        a, m = xp.nonzero(valid)
+        xcorr = xp.zeros(neighbors.shape + (2 * params.nt0 - 1,), dtype=xp.float32)
+        xcorr[a, m] = tm.template_xcorr(W32, U32, a, neighbors[a, m])
+    st, ids, y, x, residual, feat = ops.match_pursuit(data, W32, U32, mu32, neighbors, xcorr, threshold,
+                                                      params.lam, params.nInnerIter, features)
+    mine = owned(st, params, k)
+    st, ids, y, x = st[mine], ids[mine], y[mine], x[mine]
+    feat = None if feat is None else feat[mine]
+    good = x > params.Th[0]  # only confident spikes update the templates, in every phase
+    dWU0, nsp0 = ops.accumulate_templates(residual, st[good], ids[good], y[good], W32, U32, len(W))
+    state["dWU"], state["nsp"] = template_update(state["dWU"], state["nsp"], dWU0, nsp0.astype(xp.float64), pm,
+                                                 params.p1)
+    return st, ids, y, x, residual, feat, W32, U32
+
+
+def run(ctx):
+    ops, p, ir = ctx.ops, ctx.params, ctx.intermediate
+    xp = ops.xp
+    data = open_whitened(ctx)
+    n_chan = len(ir.chanMap)
+    n_near = min(n_chan, 32)
+    max_templates = p.nfilt_factor * n_chan
+    rng = np.random.default_rng(p.seed)
+    wTEMP, wPCA = extract_templates_from_snippets(ctx, data, rng)
+    iC = nearest_channels(np.asarray(ir.xc), np.asarray(ir.yc), np.asarray(ir.kcoords), n_near)
+    Ka, Kb = tm.alignment_kernels(p.nt0, p.nt0min)
+    fixed = {"iC": ops.asarray(iC), "Ka": ops.asarray(Ka), "Kb": ops.asarray(Kb)}
+    wTEMP_d, wPCA_d = ops.asarray(wTEMP), ops.asarray(wPCA)
+    W0 = xp.asarray(wPCA_d, dtype=xp.float64)  # warm start (and rank) of every new template
+    m0 = p.minFR * p.NT / p.fs
+    order = learning_order(np.asarray(ir.iorig))
+    momentum = np.exp(-1.0 / np.linspace(p.momentum[0], p.momentum[1], len(order)))
+    state = {"W": xp.zeros((0, p.nt0, p.Nrank)), "U": xp.zeros((0, n_chan, p.Nrank)), "mu": xp.zeros(0),
+             "nsp": xp.zeros(0), "dWU": xp.zeros((0, p.nt0, n_chan))}
+
+    def add_templates(new_dwu):
+        n_new = len(new_dwu)
+        state["dWU"] = xp.concatenate([state["dWU"], new_dwu])[:max_templates]
+        state["W"] = xp.concatenate([state["W"], xp.broadcast_to(W0, (n_new,) + W0.shape)])[:max_templates]
+        state["U"] = xp.concatenate([state["U"], xp.zeros((n_new,) + state["U"].shape[1:])])[:max_templates]
+        state["nsp"] = xp.concatenate([state["nsp"], xp.full(n_new, m0)])[:max_templates]
+        state["mu"] = xp.concatenate([state["mu"], xp.full(n_new, 10.0)])[:max_templates]
+
+    def keep_templates(keep):
+        for name in ("W", "U", "mu", "nsp", "dWU"):
+            state[name] = state[name][keep]
+
+    bar = progress_bar(total=len(order), desc="learn", enabled=ctx.show_progress)
+    for ib, (k, raw) in enumerate(batch_prefetch(ctx, data, order)):
+        batch = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
+        if ib == 0:
+            add_templates(seed_templates(ops, batch, wTEMP_d, wPCA_d, fixed["iC"], p))
+        # sort templates by peak channel (coherent memory access, as in Kilosort)
+        fixed["iW"] = tm.peak_channels(state["dWU"], p.nt0min)
+        by_channel = xp.argsort(fixed["iW"], kind="stable") if xp is np else xp.argsort(fixed["iW"])
+        keep_templates(by_channel)
+        fixed["iW"] = fixed["iW"][by_channel]
+        *_, residual, _, _, _ = match_and_update(ops, batch, state, fixed, p, int(k), p.Th[0], momentum[ib])
+        if ib < len(order) - 1:
+            if ib % 5 == 0:
+                keep_templates(tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0))
+            add_templates(seed_templates(ops, residual, wTEMP_d, wPCA_d, fixed["iC"], p))
+        bar.set_postfix(templates=len(state["dWU"]))
+        bar.update()
+    bar.close()
+
+    keep = tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0)
+    keep_templates(keep)
+    if len(state["W"]) == 0:
+        raise ValueError("template learning found no templates: the recording seems to hold no spikes above "
+                         f"projection_threshold={p.Th}")
+    iW = tm.peak_channels(state["dWU"], p.nt0min)
+    sim = tm.similarity(state["W"].astype(xp.float32), state["U"].astype(xp.float32), fixed["iC"], iW, n_chan,
+                        n_near)
+    logger.info("learn: %d templates", len(iW))
+    ir.wPCA, ir.wTEMP = wPCA, wTEMP
+    for name in ("W", "U", "mu", "dWU", "nsp"):
+        setattr(ir, name, ops.to_host(state[name]))
+    ir.iW = ops.to_host(iW)
+    ir.simScore = ops.to_host(sim["simScore"])
+    ir.iNeigh = ops.to_host(sim["iList"])
+    ir.iNeighPC = iC[ops.to_host(iW)]

@@ -1,0 +1,211 @@
+"""Batch reordering (clusterSingleBatches.m + sortBatches2.m): the batch order ``iorig`` used for drift tracking.
+
+Each batch's spikes (threshold crossings of their PC-projection norm) are clustered into ceil(Nchan/2)
+templates; ``ccb[i, b]`` is the spike-weighted distance from batch b's templates to their best match among
+batch i's. The z-scored, symmetrised ``ccb`` is embedded on a line, and ``iorig`` lists the batches along it,
+so neighbouring batches look alike. ``reorder=False`` keeps the time order.
+
+Outputs: ``iorig`` [Nbatch] int64, ``ccb`` [Nbatch, Nbatch] float32 (z-scored, symmetrised; ccb0 in Kilosort),
+``ccbsort`` = ccb[iorig][:, iorig].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from ..io import batch_margin, batch_prefetch, open_whitened
+from ..probe import nearest_channels
+from ..progress import progress_bar
+
+logger = logging.getLogger("si_ks2py")
+
+OUTPUTS = ("iorig", "ccb", "ccbsort")
+FILES = ()
+FILE_INPUTS = ("temp_wh.dat",)
+
+
+def isolated_peaks(ops, S, params):
+    """isolated_peaks_new.m: single-channel negative peaks below spkTh, alone within long_range.
+
+    S: [n, Nchan] float32 whitened batch on the device. A peak is the minimum over +-loc_range (samples,
+    channel indices) and the only one within +-long_range. Returns (rows, channels) as host int64 arrays,
+    ordered by channel then time (MATLAB's find order), away from the batch edges.
+    """
+    xp = ops.xp
+    (lt, lc), (ht, hc) = params.loc_range, params.long_range
+    smin = ops.running_min(ops.running_min(S, lt, axis=0), lc, axis=1)
+    peaks = (S < smin + 1e-3) & (S < params.spkTh)
+    crowd = ops.running_sum(ops.running_sum(peaks.astype(xp.float32), ht, axis=0), hc, axis=1)
+    peaks &= crowd < 1.2
+    peaks[:params.nt0] = False
+    peaks[S.shape[0] - params.nt0 - 1:] = False
+    cols, rows = (ops.to_host(a) for a in xp.nonzero(peaks.T))
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def spike_clips(ops, S, rows, cols, params):
+    """get_SpikeSample.m: single-channel clips [n, nt0] with the trough at index nt0min - 1."""
+    xp = ops.xp
+    t = xp.asarray(rows)[:, None] - params.nt0min + 1 + xp.arange(params.nt0)[None, :]
+    return S[t, xp.asarray(cols)[:, None]]
+
+
+def waveform_pcs(ops, clips_cov, n_pcs: int, sign_sample: int) -> np.ndarray:
+    """Top n_pcs eigenvectors of a clip covariance [nt0, nt0], PC1 made negative at sign_sample."""
+    values, vectors = np.linalg.eigh(clips_cov)
+    pcs = vectors[:, np.argsort(-np.abs(values), kind="stable")[:n_pcs]].copy()
+    pcs[:, 0] *= -np.sign(pcs[sign_sample, 0]) if pcs[sign_sample, 0] != 0 else 1
+    return pcs.astype(np.float32)
+
+
+def extract_pc_from_snippets(ctx, data, n_pcs: int) -> np.ndarray:
+    """extractPCfromSnippets.m: temporal PCs [nt0, n_pcs] of isolated spikes in every 100th batch."""
+    ops, p = ctx.ops, ctx.params
+    cc = np.zeros((p.nt0, p.nt0))
+    for k, raw in batch_prefetch(ctx, data, range(0, p.Nbatch, 100)):
+        S = ops.asarray(raw).astype(ops.xp.float32) / ops.xp.float32(p.scaleproc)
+        rows, cols = isolated_peaks(ops, S, p)
+        clips = spike_clips(ops, S, rows, cols, p).astype(ops.xp.float64)
+        cc += ops.to_host(clips.T @ clips) / 1000
+    if not cc.any():
+        raise ValueError(
+            f"no isolated spikes below detect_threshold={-p.spkTh} were found in the whitened data: the recording "
+            "may hold no spikes; check its scaling or lower detect_threshold"
+        )
+    return waveform_pcs(ops, cc, n_pcs, p.nt0min)
+
+
+def cluster_batch(xp, features, centre, iC, neighbours, n_clusters: int, rng):
+    """One batch's k-means in PC space (initializeWdata2.m + mexClustering2.cu, 10 iterations).
+
+    features: [n, NchanNear, nPCs] float32 (device); centre: [n] spike channels; iC: [Nchan, NchanNear];
+    neighbours: [Nchan, Nchan] bool, c' among the nearest channels of c. A spike is scored against the templates
+    whose best channel is among its nearest channels, by ``max(0, <features, template>)^2``; spikes without a
+    positive score stay unassigned (Kilosort put them in cluster 0). Returns (W0 [T, NchanNear, nPCs] unit-norm
+    templates on their own channels, mu [T], nsp [T], best channel [T]) as device arrays.
+    """
+    n, _, n_pcs = features.shape
+    n_chan = iC.shape[0]
+    dense = xp.zeros((n, n_chan, n_pcs), dtype=xp.float32)
+    dense[xp.arange(n)[:, None], iC[centre]] = features
+    dense = dense.reshape(n, -1)
+    W = dense[xp.asarray(rng.permutation(n)[:n_clusters])]
+    for it in range(11):
+        mu = xp.sqrt((W ** 2).sum(axis=1))
+        W = W / (1e-5 + mu[:, None])
+        best_channel = (W.reshape(n_clusters, n_chan, n_pcs)[:, :, 0] ** 2).argmax(axis=1)
+        if it == 10:
+            break
+        score = xp.maximum(dense @ W.T, 0) ** 2 * neighbours[centre][:, best_channel]
+        assigned = score.max(axis=1) > 0
+        ids = score.argmax(axis=1)
+        onehot = xp.zeros((n, n_clusters), dtype=xp.float32)
+        onehot[xp.arange(n)[assigned], ids[assigned]] = 1
+        nsp = onehot.sum(axis=0)
+        W = (onehot.T @ dense) / (1e-5 + nsp[:, None])
+    own = W.reshape(n_clusters, n_chan, n_pcs)[xp.arange(n_clusters)[:, None], iC[best_channel]]
+    own /= 1e-5 + xp.sqrt((own ** 2).sum(axis=(1, 2)))[:, None, None]
+    return own, mu, nsp, best_channel
+
+
+def batch_distances(xp, Ws, mus, ns, Whs, iC, neighbours):
+    """mexDistances2.cu + ccb: [Nbatch, Nbatch] spike-weighted mean distance of batch b's templates to their
+    closest template of batch i (or to zero), ``ccb[i, b]``."""
+    n_batch, T, n_near, n_pcs = Ws.shape
+    n_chan = iC.shape[0]
+    flat = n_batch * T
+    dense = xp.zeros((flat, n_chan, n_pcs), dtype=xp.float32)
+    dense[xp.arange(flat)[:, None], iC[Whs.reshape(-1)]] = Ws.reshape(flat, n_near, n_pcs)
+    dense = dense.reshape(flat, -1)
+    mus_all, wh_all = mus.reshape(-1), Whs.reshape(-1)
+    ccb = xp.zeros((n_batch, n_batch), dtype=xp.float64)
+    for i in range(n_batch):
+        xs = dense @ dense[i * T:(i + 1) * T].T  # [flat, T]
+        d = mus[i][None, :] ** 2 + mus_all[:, None] ** 2 - 2 * mus_all[:, None] * mus[i][None, :] * xs
+        d = xp.where(neighbours[wh_all][:, Whs[i]], d, xp.inf)
+        ds = xp.maximum(xp.minimum(mus_all ** 2, d.min(axis=1)), 0).reshape(n_batch, T)
+        ccb[i] = (xp.sqrt(ds) * ns).sum(axis=1) / ns.sum(axis=1)
+    return ccb
+
+
+def sort_batches(ccb0: np.ndarray) -> np.ndarray:
+    """sortBatches2.m: a 1-D embedding of the batches whose distances log(1 + dx^2) fit ccb0; returns iorig.
+
+    The leading eigenvector's sign is chosen so the order runs forward in time where it can (Kilosort left it
+    to the eigensolver), which makes the order repeatable.
+    """
+    n = len(ccb0)
+    values, vectors = np.linalg.eigh(ccb0)
+    u = vectors[:, np.argmax(np.abs(values))]
+    if np.dot(u, np.arange(n) - (n - 1) / 2) < 0:
+        u = -u
+    xs = 0.01 * u / u.std(ddof=1)
+    for _ in range(200):
+        dx = xs[:, None] - xs[None, :]
+        ds = dx ** 2
+        err = ccb0 - np.log1p(ds)
+        err = (err - err.mean()) / (1 + ds)
+        g = err * dx
+        xs = xs - (-g.mean(axis=1) + g.mean(axis=0))
+    return np.argsort(xs, kind="stable")
+
+
+def zscore_columns(ccb: np.ndarray) -> np.ndarray:
+    """Per-column z-score (population std) then symmetrised; empty batches (NaN) count as maximally far."""
+    ccb = np.where(np.isfinite(ccb), ccb, np.nanmax(ccb) if np.isfinite(ccb).any() else 0)
+    std = ccb.std(axis=0)
+    z = (ccb - ccb.mean(axis=0)) / np.where(std > 0, std, 1)
+    return z + z.T
+
+
+def run(ctx):
+    ops, p, ir = ctx.ops, ctx.params, ctx.intermediate
+    xp = ops.xp
+    if not p.reorder or p.Nbatch < 3:
+        ir.iorig = np.arange(p.Nbatch)
+        ir.ccb = ir.ccbsort = np.zeros((p.Nbatch, p.Nbatch), dtype=np.float32)
+        return
+    data = open_whitened(ctx)
+    n_chan = len(ir.chanMap)
+    n_clusters = int(math.ceil(n_chan / 2))
+    iC = nearest_channels(np.asarray(ir.xc), np.asarray(ir.yc), np.asarray(ir.kcoords), min(n_chan, 17))
+    neighbours = np.zeros((n_chan, n_chan), dtype=bool)
+    neighbours[np.arange(n_chan)[:, None], iC] = True
+    iC_d, neighbours_d = ops.asarray(iC), ops.asarray(neighbours)
+    wPCA = ops.asarray(extract_pc_from_snippets(ctx, data, p.nPCs))
+    rng = np.random.default_rng(p.seed)
+
+    Ws = xp.zeros((p.Nbatch, n_clusters, iC.shape[1], p.nPCs), dtype=xp.float32)
+    mus = xp.zeros((p.Nbatch, n_clusters), dtype=xp.float32)
+    ns = xp.zeros((p.Nbatch, n_clusters), dtype=xp.float32)
+    Whs = xp.zeros((p.Nbatch, n_clusters), dtype=xp.int64)
+    margin, stride = batch_margin(p), p.NT - p.ntbuff
+    # the last batch, often short, is replaced by the one before it (as in Kilosort)
+    batches = [min(k, p.Nbatch - 2) for k in range(p.Nbatch)]
+    previous = None
+    bar = progress_bar(total=p.Nbatch, desc="reorder", enabled=ctx.show_progress)
+    for k, (_, raw) in enumerate(batch_prefetch(ctx, data, batches)):
+        S = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
+        t, c, features = ops.pc_threshold_spikes(S, wPCA, iC_d, p.ThPre, p.nt0min)
+        own = (t >= margin) & (t < margin + stride)
+        if int(own.sum()) > n_clusters:
+            previous = cluster_batch(xp, features[own], c[own], iC_d, neighbours_d, n_clusters, rng)
+        if previous is not None:
+            Ws[k], mus[k], ns[k], Whs[k] = previous
+        bar.update()
+    bar.close()
+    if previous is None:
+        logger.warning("reorder: no batch had enough spikes to cluster; keeping the time order")
+        ir.iorig = np.arange(p.Nbatch)
+        ir.ccb = ir.ccbsort = np.zeros((p.Nbatch, p.Nbatch), dtype=np.float32)
+        return
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ccb = ops.to_host(batch_distances(xp, Ws, mus, ns, Whs, iC_d, neighbours_d))
+    ccb0 = zscore_columns(ccb)
+    iorig = sort_batches(ccb0)
+    ir.iorig = iorig
+    ir.ccb = ccb0.astype(np.float32)
+    ir.ccbsort = ccb0[np.ix_(iorig, iorig)].astype(np.float32)
