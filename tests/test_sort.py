@@ -1,0 +1,59 @@
+"""End-to-end sorts on the CPU: accuracy against ground truth, repeatability, SpikeInterface's contract."""
+
+import json
+
+import numpy as np
+import pytest
+from spikeinterface.sorters import installed_sorters, run_sorter
+
+import si_ks2py
+from si_ks2py.demo import generate_demo_recording, score, summary
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ground_truth(tmp_path_factory):
+    recording, gt_sorting = generate_demo_recording(duration=60.0, num_channels=32, num_units=12, seed=7)
+    folder = tmp_path_factory.mktemp("gt")
+    return recording.save(folder=folder / "recording", verbose=False), gt_sorting, folder
+
+
+@pytest.fixture(scope="module")
+def first_sort(ground_truth):
+    recording, _, folder = ground_truth
+    return run_sorter("ks2py", recording, folder=folder / "sort1", device="cpu", verbose=False)
+
+
+def test_finds_ground_truth_units(ground_truth, first_sort):
+    _, gt_sorting, _ = ground_truth
+    result = summary(score(gt_sorting, first_sort))
+    assert result["accuracy_0.8"] >= 0.8 * result["gt_units"], result
+    assert result["accuracy_0.95"] >= 10, result
+
+
+def test_same_seed_gives_identical_sorting(ground_truth, first_sort):
+    recording, _, folder = ground_truth
+    second = si_ks2py.run(recording, folder / "sort2", device="cpu", verbose=False)
+    assert list(second.unit_ids) == list(first_sort.unit_ids)
+    for unit in second.unit_ids:
+        np.testing.assert_array_equal(second.get_unit_spike_train(unit), first_sort.get_unit_spike_train(unit))
+
+
+def test_spikeinterface_contract_on_a_small_probe(tmp_path):
+    """What SpikeInterface's own sorter test suite checks, on a 4-channel toy recording."""
+    import spikeinterface.core as sc
+
+    assert "ks2py" in installed_sorters()
+    recording, _ = sc.generate_ground_truth_recording(durations=[30.0], sampling_frequency=30000.0, num_channels=4,
+                                                      num_units=3, seed=2)
+    recording = recording.save(folder=tmp_path / "rec", verbose=False)
+    sorting = run_sorter("ks2py", recording, folder=tmp_path / "out", delete_output_folder=True, verbose=False)
+    assert set(sorting.sorting_info) >= {"recording", "params", "log"}
+    assert not (tmp_path / "out" / "sorter_output").exists()
+    for name in ("recording", "params", "log"):
+        assert (tmp_path / "out" / f"spikeinterface_{name}.json").exists()
+    log = json.loads((tmp_path / "out" / "spikeinterface_log.json").read_text())
+    assert log["error"] is False and log["sorter_version"] == si_ks2py.__version__
+    assert any("extract" in line for line in log["runtime_trace"])  # our ks2py.log reached SpikeInterface's log
+    assert sorting.get_sampling_frequency() == 30000.0
