@@ -36,3 +36,19 @@ def small_recording(tmp_path_factory):
     recording, sorting = generate_recording()
     folder = tmp_path_factory.mktemp("small") / "recording"
     return recording.save(folder=folder, verbose=False), sorting
+
+
+@pytest.fixture(scope="session")
+def demo_sort(tmp_path_factory):
+    """The demo recording (60 s, 32 channels, 12 units), saved, and its sort through run_sorter on the CPU:
+    a dict with recording, gt (ground-truth sorting), sorting, folder (run_sorter's folder)."""
+    from spikeinterface.sorters import run_sorter
+
+    import si_ks2py  # noqa: F401
+    from si_ks2py.demo import generate_demo_recording
+
+    recording, gt = generate_demo_recording(duration=60.0, num_channels=32, num_units=12, seed=7)
+    base = tmp_path_factory.mktemp("demo")
+    recording = recording.save(folder=base / "recording", verbose=False)
+    sorting = run_sorter("ks2py", recording, folder=base / "sort", device="cpu", verbose=False)
+    return {"recording": recording, "gt": gt, "sorting": sorting, "folder": base / "sort", "base": base}

@@ -40,7 +40,9 @@ def test_fingerprints_chain_through_stages():
     base = params.default_params()
     fps = stage_fingerprints("rec", base)
     learn_changed = stage_fingerprints("rec", {**base, "lam": 5.0})
-    assert [fps[s] == learn_changed[s] for s in fps] == [True, True, False, False]
+    assert [fps[s] == learn_changed[s] for s in fps] == [True, True, False, False, False, False, False]
+    split_changed = stage_fingerprints("rec", {**base, "AUCsplit": 0.5})
+    assert [fps[s] == split_changed[s] for s in fps] == [True] * 5 + [False] * 2
     assert all(fps[s] != v for s, v in stage_fingerprints("other", base).items())
     # run-only params never invalidate
     assert stage_fingerprints("rec", {**base, "device": "cpu", "progress": False}) == fps

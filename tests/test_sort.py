@@ -7,37 +7,25 @@ import pytest
 from spikeinterface.sorters import installed_sorters, run_sorter
 
 import si_ks2py
-from si_ks2py.demo import generate_demo_recording, score, summary
+from si_ks2py.demo import score, summary
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ground_truth(tmp_path_factory):
-    recording, gt_sorting = generate_demo_recording(duration=60.0, num_channels=32, num_units=12, seed=7)
-    folder = tmp_path_factory.mktemp("gt")
-    return recording.save(folder=folder / "recording", verbose=False), gt_sorting, folder
-
-
-@pytest.fixture(scope="module")
-def first_sort(ground_truth):
-    recording, _, folder = ground_truth
-    return run_sorter("ks2py", recording, folder=folder / "sort1", device="cpu", verbose=False)
-
-
-def test_finds_ground_truth_units(ground_truth, first_sort):
-    _, gt_sorting, _ = ground_truth
-    result = summary(score(gt_sorting, first_sort))
+def test_finds_ground_truth_units(demo_sort):
+    result = summary(score(demo_sort["gt"], demo_sort["sorting"]))
     assert result["accuracy_0.8"] >= 0.8 * result["gt_units"], result
     assert result["accuracy_0.95"] >= 10, result
 
 
-def test_same_seed_gives_identical_sorting(ground_truth, first_sort):
-    recording, _, folder = ground_truth
-    second = si_ks2py.run(recording, folder / "sort2", device="cpu", verbose=False)
-    assert list(second.unit_ids) == list(first_sort.unit_ids)
+def test_same_seed_gives_identical_sorting(demo_sort):
+    first = demo_sort["sorting"]
+    second = si_ks2py.run(demo_sort["recording"], demo_sort["base"] / "again", device="cpu", verbose=False)
+    assert list(second.unit_ids) == list(first.unit_ids)
     for unit in second.unit_ids:
-        np.testing.assert_array_equal(second.get_unit_spike_train(unit), first_sort.get_unit_spike_train(unit))
+        np.testing.assert_array_equal(second.get_unit_spike_train(unit), first.get_unit_spike_train(unit))
+    for name in ("KSLabel", "ContamPct", "Amplitude"):
+        np.testing.assert_array_equal(second.get_property(name), first.get_property(name))
 
 
 def test_spikeinterface_contract_on_a_small_probe(tmp_path):

@@ -33,7 +33,7 @@ def run(recording, output_folder, verbose: bool = True, **params):
     from .pipeline import run as run_pipeline
 
     ctx = run_pipeline(recording, output_folder, params, verbose=verbose)
-    return read_sorting(ctx.output_folder)
+    return read_sorting(ctx.output_folder, keep_good_only=ctx.user_params["keep_good_only"])
 
 
 __all__ = ["Ks2PySorter", "default_params", "run", "__version__"]

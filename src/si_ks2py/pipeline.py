@@ -25,7 +25,7 @@ from .probe import probe_from_recording
 logger = logging.getLogger("si_ks2py")
 
 #: Cached stages in run order (export always runs). Bump a stage's version when its results change.
-STAGE_VERSIONS = {"preprocess": 1, "reorder": 1, "learn": 1, "extract": 1}
+STAGE_VERSIONS = {"preprocess": 1, "reorder": 1, "learn": 2, "extract": 2, "merge": 1, "split": 2, "cutoff": 1}
 STAGES = tuple(STAGE_VERSIONS)
 
 

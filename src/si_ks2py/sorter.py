@@ -64,6 +64,13 @@ class Ks2PySorter(BaseSorter):
 
     @classmethod
     def _get_result_from_folder(cls, sorter_output_folder):
+        import json
+
         from .export.sorting import read_sorting
 
-        return read_sorting(Path(sorter_output_folder))
+        sorter_output_folder = Path(sorter_output_folder)
+        params_file = sorter_output_folder.parent / "spikeinterface_params.json"
+        keep_good_only = False
+        if params_file.exists():
+            keep_good_only = json.loads(params_file.read_text())["sorter_params"].get("keep_good_only", False)
+        return read_sorting(sorter_output_folder, keep_good_only=keep_good_only)

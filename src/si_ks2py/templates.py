@@ -19,8 +19,12 @@ def array_module(a):
 def alignment_kernels(nt0: int, nt0min: int, nup: int = 10, sig: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """getKernels.m: sub-sample interpolation kernels, Ka [nup, nt0] and Kb [nup, nt0, nt0] (float64).
 
-    ``Ka[j] @ w`` interpolates w at (0-based) time ``nt0min - 1.5 + j / nup``; ``Kb[j] @ w`` shifts w so that
-    sample a takes the value at ``a - 0.5 + j / nup`` (a circular Gaussian-kernel interpolation).
+    ``Ka[j] @ w`` interpolates w at (0-based) time ``nt0min - 0.5 + j / nup``, around the sample where
+    svd_templates puts a template's peak; ``Kb[j] @ w`` shifts w so that sample a takes the value at
+    ``a - 0.5 + j / nup`` (a circular Gaussian-kernel interpolation). Kilosort 2.0 took Ka one sample earlier
+    (MATLAB's 1-based nt0min against its kernel's 0-based peak sample), which shifted every template by about
+    0.4 samples against the spikes it was averaged from, and the residual of each subtraction then looked like
+    the template's derivative (and was found as a duplicate unit on high-amplitude units).
     """
     xs = np.arange(1, nt0 + 1, dtype=np.float64)
     ys = np.linspace(0.5, nt0 + 0.5, nt0 * nup + 1)[:-1]
@@ -33,7 +37,7 @@ def alignment_kernels(nt0: int, nt0min: int, nup: int = 10, sig: float = 1.0) ->
     kyx = np.exp(-circular_distance(ys, xs) ** 2 / sig ** 2)
     B = kyx @ np.linalg.inv(kxx + 0.01 * np.eye(nt0))  # [nt0 * nup, nt0]; row j + nup*a -> time a, shift j
     B = B.reshape(nt0, nup, nt0).transpose(1, 0, 2)  # [nup, nt0 (output time), nt0]
-    return np.ascontiguousarray(B[:, nt0min - 1, :]), np.ascontiguousarray(B)
+    return np.ascontiguousarray(B[:, nt0min, :]), np.ascontiguousarray(B)
 
 
 def neighbourhood_mask(iC, iW, n_chan: int, xp=np):

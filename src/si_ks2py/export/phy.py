@@ -1,28 +1,116 @@
-"""The Phy folder (rezToPhy.m)."""
+"""The Phy folder (rezToPhy.m): what Kilosort 2.0 writes, loadable by phylib's TemplateModel and SpikeInterface's
+read_kilosort.
+
+Spikes are sorted by time. Cluster ids are template ids (after merges and splits); the cluster_*.tsv files list
+the clusters that have spikes. ``params.py`` points at the recording's own binary file when it is one (raw
+channels, ``channel_map`` = recording channel indices), and otherwise at the whitened file of the sort
+(``temp_wh.dat`` in the cache folder, kept channels only, ``hp_filtered = True``). Spike times are samples of the
+recording (Kilosort's convention); the whitened file starts at trange's start, so with a trange start and a
+non-binary recording Phy's trace view is offset by it.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import numpy as np
 
+logger = logging.getLogger("si_ks2py")
 
-def final_spikes(ir) -> np.ndarray:
-    """The spike table after the last post-processing stage that ran ([n, >=4] float64)."""
-    for name in ("st3_c", "st3_s", "st3_m", "st3"):
-        if ir.has(name):
-            return np.asarray(getattr(ir, name))
-    raise FileNotFoundError("no spike table in the cache: the extraction stage has not run")
+PHY_FILES = ("spike_times.npy", "spike_templates.npy", "spike_clusters.npy", "amplitudes.npy", "templates.npy",
+             "templates_ind.npy", "channel_map.npy", "channel_positions.npy", "channel_shanks.npy",
+             "similar_templates.npy", "pc_features.npy", "pc_feature_ind.npy", "template_features.npy",
+             "template_feature_ind.npy", "whitening_mat.npy", "whitening_mat_inv.npy", "params.py",
+             "cluster_KSLabel.tsv", "cluster_ContamPct.tsv", "cluster_Amplitude.tsv")
+
+
+def binary_source(recording):
+    """(path, dtype, offset) of the recording's own file when Phy can read it directly, else None."""
+    try:
+        if recording.binary_compatible_with(time_axis=0, file_paths_length=1, file_offset=None):
+            d = recording.get_binary_description()
+            return Path(d["file_paths"][0]).absolute(), np.dtype(d["dtype"]).name, int(d["file_offset"])
+    except Exception:  # recordings without a binary description
+        pass
+    return None
+
+
+def cluster_amplitudes(templates, whitening_inv, template_of_spike, amplitudes, n_templates, gain):
+    """tempAmps of rezToPhy.m: mean over a cluster's spikes of (peak-to-peak of its unwhitened template x the
+    spike's amplitude), times gain; 0 for clusters without spikes."""
+    unwhitened = templates @ whitening_inv  # [K, nt, Nchan]
+    peak_to_peak = (unwhitened.max(axis=1) - unwhitened.min(axis=1)).max(axis=1)
+    spike_amplitude = peak_to_peak[template_of_spike] * amplitudes
+    total = np.bincount(template_of_spike, weights=spike_amplitude, minlength=n_templates)
+    count = np.bincount(template_of_spike, minlength=n_templates)
+    return gain * np.divide(total, count, out=np.zeros(n_templates), where=count > 0)
+
+
+def write_tsv(path: Path, column: str, ids, values, fmt: str):
+    lines = [f"cluster_id\t{column}"] + [f"{i}\t{format(v, fmt)}" for i, v in zip(ids, values)]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def write_phy(ctx):
-    folder = ctx.output_folder
-    st3 = final_spikes(ctx.intermediate)
+    """Write the Phy folder into ctx.output_folder (replacing the files of an earlier export)."""
+    folder = Path(ctx.output_folder)
+    ir, p, probe = ctx.intermediate, ctx.params, ctx.probe
+    for name in PHY_FILES:  # an earlier export's files (never the user's recording: those names are ours)
+        (folder / name).unlink(missing_ok=True)
+    st3 = np.asarray(ir.st3_c)
+    keep = np.asarray(ir.keep_c)
     order = np.argsort(st3[:, 0], kind="stable")
-    st3 = st3[order]
+    st3, rows = st3[order], keep[order]
+    clusters = st3[:, 1].astype(np.int64)
+    W, U = np.asarray(ir.W_s), np.asarray(ir.U_s)
+    n_templates, nt0, n_rank = W.shape
+    n_chan = U.shape[1]
+    Wphy = np.concatenate([np.zeros((n_templates, p.nt0min + 1, n_rank)), W], axis=1)  # centre at nt0min
+    templates = np.einsum("ktr,kcr->ktc", Wphy, U).astype(np.float32)
+    whitening = np.asarray(ir.Wrot, dtype=np.float64) / p.scaleproc
+    whitening_inv = np.linalg.inv(whitening)
+    n_learnt = len(np.asarray(ir.iNeigh))
+    parent = np.asarray(ir.parent_s)
+    # template features were computed against the extraction's neighbour lists: a split template uses its parent's
+    template_feature_ind = np.asarray(ir.iNeigh)[np.where(np.arange(n_templates) < n_learnt,
+                                                          np.arange(n_templates), parent)]
+
     np.save(folder / "spike_times.npy", st3[:, 0].astype(np.uint64))
-    np.save(folder / "spike_templates.npy", st3[:, 1].astype(np.uint32))
-    np.save(folder / "spike_clusters.npy", st3[:, 1].astype(np.uint32))
+    np.save(folder / "spike_templates.npy", clusters.astype(np.uint32))
+    np.save(folder / "spike_clusters.npy", clusters.astype(np.uint32))
     np.save(folder / "amplitudes.npy", st3[:, 2].astype(np.float64))
+    np.save(folder / "templates.npy", templates)
+    np.save(folder / "templates_ind.npy", np.tile(np.arange(n_chan, dtype=np.float64), (n_templates, 1)))
+    np.save(folder / "channel_positions.npy", np.column_stack([ir.xc, ir.yc]).astype(np.float64))
+    np.save(folder / "channel_shanks.npy", np.asarray(ir.kcoords, dtype=np.int32))
+    np.save(folder / "similar_templates.npy", np.asarray(ir.simScore_s, dtype=np.float32))
+    np.save(folder / "template_features.npy", np.asarray(ir.cProj)[rows].astype(np.float32))
+    np.save(folder / "template_feature_ind.npy", template_feature_ind.astype(np.uint32))
+    np.save(folder / "pc_features.npy", np.asarray(ir.cProjPC)[rows].astype(np.float32))
+    np.save(folder / "pc_feature_ind.npy", np.asarray(ir.iNeighPC_s, dtype=np.uint32))
+    np.save(folder / "whitening_mat.npy", whitening)
+    np.save(folder / "whitening_mat_inv.npy", whitening_inv)
+
+    source = binary_source(ctx.raw_data)
+    if source is not None:
+        dat_path, dtype, offset = source
+        np.save(folder / "channel_map.npy", np.asarray(ir.chanMap, dtype=np.int32))
+        n_channels_dat, hp_filtered = probe.NchanTOT, False
+    else:
+        dat_path, dtype, offset = ir.file_path("temp_wh.dat").absolute(), "int16", 0
+        np.save(folder / "channel_map.npy", np.arange(n_chan, dtype=np.int32))
+        n_channels_dat, hp_filtered = n_chan, True
     (folder / "params.py").write_text(
-        f"dat_path = ''\nn_channels_dat = {ctx.probe.NchanTOT}\ndtype = 'int16'\noffset = 0\n"
-        f"sample_rate = {ctx.params.fs!r}\nhp_filtered = False\n"
+        f"dat_path = {os.fspath(dat_path)!r}\nn_channels_dat = {n_channels_dat}\ndtype = {dtype!r}\n"
+        f"offset = {offset}\nsample_rate = {float(p.fs)!r}\nhp_filtered = {hp_filtered}\n"
     )
+
+    ids = np.unique(clusters)
+    good = np.asarray(ir.good)
+    amplitude = cluster_amplitudes(templates, whitening_inv, clusters, st3[:, 2], n_templates, p.gain)
+    write_tsv(folder / "cluster_KSLabel.tsv", "KSLabel", ids, np.where(good[ids], "good", "mua"), "s")
+    write_tsv(folder / "cluster_ContamPct.tsv", "ContamPct", ids, 100 * np.asarray(ir.est_contam_rate)[ids], ".1f")
+    write_tsv(folder / "cluster_Amplitude.tsv", "Amplitude", ids, amplitude[ids], ".1f")
+    logger.info("phy folder: %d spikes, %d clusters (%d good) in %s", len(st3), len(ids), good[ids].sum(), folder)

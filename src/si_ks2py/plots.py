@@ -1,0 +1,91 @@
+"""QC figures saved with the output (PNG): drift map, largest templates, batch similarity and its order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def spike_depths(pc_features, pc_feature_ind, spike_templates, yc):
+    """Depth of each spike: the channel depths weighted by its first-PC energy on its template's channels."""
+    weights = pc_features[:, 0, :].astype(np.float64) ** 2
+    depths = yc[pc_feature_ind[spike_templates]]
+    return (weights * depths).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)
+
+
+def drift_map(path, times_s, depths, amplitudes):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 5))
+    order = np.argsort(amplitudes)  # large spikes drawn last
+    points = ax.scatter(times_s[order], depths[order], c=amplitudes[order], s=1, cmap="viridis",
+                        vmax=np.percentile(amplitudes, 99) if len(amplitudes) else None, rasterized=True)
+    fig.colorbar(points, ax=ax, label="amplitude (whitened units)")
+    ax.set(xlabel="time (s)", ylabel="depth (um)", title="drift map")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def largest_templates(path, templates, whitening_inv, counts, good, xc, yc, n_show=16):
+    """Unwhitened templates of the units with most spikes, drawn at their channel positions."""
+    plt = _pyplot()
+    shown = [k for k in np.argsort(-counts, kind="stable")[:n_show] if counts[k] > 0]
+    cols = 4
+    rows = max(1, int(np.ceil(len(shown) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, k in zip(axes.ravel(), shown):
+        t = templates[k] @ whitening_inv  # [nt, Nchan]
+        peak = np.abs(t).max(axis=0)
+        near = np.argsort(-peak)[:12]
+        scale = 0.8 * min(np.diff(np.unique(yc)).min() if len(np.unique(yc)) > 1 else 20, 40) / max(peak.max(), 1e-12)
+        time = np.linspace(-8, 8, t.shape[0])
+        for c in near:
+            ax.plot(xc[c] + time, yc[c] + t[:, c] * scale, color="C0" if good[k] else "C3", lw=0.8)
+        ax.set_title(f"unit {k} ({counts[k]} spikes, {'good' if good[k] else 'mua'})", fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def batch_similarity(path, ccb, iorig):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, matrix, title in ((axes[0], ccb, "batch dissimilarity (time order)"),
+                              (axes[1], ccb[np.ix_(iorig, iorig)], "in the learnt order (iorig)")):
+        image = ax.imshow(matrix, cmap="magma_r", aspect="auto")
+        ax.set(title=title, xlabel="batch", ylabel="batch")
+        fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_qc_figures(folder, ctx):
+    """Write the three figures into <folder>/qc/ from the Phy files and the cache."""
+    folder = Path(folder)
+    qc = folder / "qc"
+    qc.mkdir(exist_ok=True)
+    ir = ctx.intermediate
+    times = np.load(folder / "spike_times.npy").astype(np.float64) / ctx.params.fs
+    templates_of_spikes = np.load(folder / "spike_templates.npy").astype(np.int64)
+    amplitudes = np.load(folder / "amplitudes.npy")
+    pc_features = np.load(folder / "pc_features.npy", mmap_mode="r")
+    pc_ind = np.load(folder / "pc_feature_ind.npy").astype(np.int64)
+    yc, xc = np.asarray(ir.yc, dtype=float), np.asarray(ir.xc, dtype=float)
+    step = max(1, len(times) // 200_000)  # at most 200k points
+    depths = spike_depths(pc_features[::step], pc_ind, templates_of_spikes[::step], yc)
+    drift_map(qc / "drift_map.png", times[::step], depths, amplitudes[::step])
+    templates = np.load(folder / "templates.npy")
+    counts = np.bincount(templates_of_spikes, minlength=len(templates))
+    largest_templates(qc / "templates.png", templates, np.load(folder / "whitening_mat_inv.npy"), counts,
+                      np.asarray(ir.good), xc, yc)
+    batch_similarity(qc / "batch_similarity.png", np.asarray(ir.ccb, dtype=float), np.asarray(ir.iorig))

@@ -1,0 +1,171 @@
+"""Splits (splitAllClusters.m, "bimodal pursuit"), run twice: first from each cluster's top principal axis,
+then from its mean feature vector.
+
+A cluster's PC features (centred, minus a Gaussian running mean over 250 spikes for drift) are projected on a
+direction that 50 EM iterations of a two-Gaussian mixture refine. The cluster is split when each side holds
+over 5% and 300 spikes and is assigned with mean confidence above AUCsplit, unless the two halves are mutually
+refractory (their cross-correlogram) or have the same mean waveform (correlation > 0.9 and amplitudes within
+20%). The new cluster gets a new template id; its template is its spikes' mean waveform (Kilosort 2.0 gave it the
+other half's, swapping templates and labels), and the piece that stays is tested again. Afterwards every
+template is re-factorised and the similarities recomputed; split siblings keep similarity 1.
+
+Outputs: ``st3_s`` (labels after both passes), ``W_s``, ``U_s``, ``mu_s``, ``dWU_s`` (templates, new ones
+appended), ``simScore_s``, ``iNeigh_s``, ``iNeighPC_s``, ``parent_s`` [K] (the template each descends from).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage
+
+from .. import templates as tm
+from ..correlograms import refractoriness
+from ..probe import nearest_channels
+
+logger = logging.getLogger("si_ks2py")
+
+OUTPUTS = ("st3_s", "W_s", "U_s", "mu_s", "dWU_s", "simScore_s", "iNeigh_s", "iNeighPC_s", "parent_s")
+FILES = ()
+FILE_INPUTS = ()
+
+MIN_SPIKES = 300
+
+
+def running_mean(x: np.ndarray, sigma: float = 250.0) -> np.ndarray:
+    """my_conv2.m along axis 0: Gaussian smoothing (+-4 sigma), renormalised at the edges."""
+    smooth = ndimage.gaussian_filter1d(x, sigma, axis=0, mode="constant", truncate=4.0)
+    weight = ndimage.gaussian_filter1d(np.ones(len(x)), sigma, mode="constant", truncate=4.0)
+    return smooth / weight[:, None]
+
+
+def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
+    """50 EM iterations of a 1-D two-Gaussian mixture on clp @ w, re-estimating w on odd iterations after 10.
+
+    clp: [n, d] features; w: [d] unit start direction. Returns (responsibilities [n, 2], w).
+    """
+    n = len(clp)
+    x = clp @ w
+    upper = x > x.mean()
+    mu1, mu2 = x[upper].mean(), x[~upper].mean()
+    s1, s2 = x[upper].var(ddof=1), x[~upper].var(ddof=1)
+    p = upper.mean()
+    for k in range(1, 51):
+        logp = np.column_stack([-0.5 * np.log(s1) - (x - mu1) ** 2 / (2 * s1) + np.log(p),
+                                -0.5 * np.log(s2) - (x - mu2) ** 2 / (2 * s2) + np.log(1 - p)])
+        logp -= logp.max(axis=1, keepdims=True)
+        rs = np.exp(logp)
+        rs /= rs.sum(axis=1, keepdims=True)
+        p = rs[:, 0].mean()
+        mu1 = rs[:, 0] @ x / rs[:, 0].sum()
+        mu2 = rs[:, 1] @ x / rs[:, 1].sum()
+        s1 = rs[:, 0] @ (x - mu1) ** 2 / rs[:, 0].sum()
+        s2 = rs[:, 1] @ (x - mu2) ** 2 / rs[:, 1].sum()
+        if k > 10 and k % 2 == 1:
+            weight = rs[:, 0] / s1 + rs[:, 1] / s2
+            StS = clp.T @ (clp * weight[:, None]) / n
+            StMu = clp.T @ (rs[:, 0] * mu1 / s1 + rs[:, 1] * mu2 / s2) / n
+            w = np.linalg.lstsq(StS, StMu, rcond=None)[0]  # StS can be singular on degenerate clusters
+            w /= np.linalg.norm(w)
+            x = clp @ w
+    return rs, w
+
+
+def try_split(clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_mean: bool, auc_split: float):
+    """The spikes of a cluster that form its new piece (bool [n]) with their mean waveform, or None."""
+    clp = clp0 - clp0.mean(axis=0)
+    clp = clp - running_mean(clp)
+    if from_mean:
+        w = clp0.mean(axis=0)
+    else:
+        w = np.linalg.svd(clp.T, full_matrices=False)[0][:, 0]
+    norm = np.linalg.norm(w)
+    if not np.isfinite(norm) or norm == 0:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        rs, _ = bimodal_pursuit(clp, w / norm)
+    if not np.isfinite(rs).all():
+        return None
+    low = rs[:, 0] > rs[:, 1]
+    if low.all() or not low.any():
+        return None
+    confidence = min(rs[low, 0].mean(), rs[~low, 1].mean())
+    smaller = min(low.mean(), (~low).mean())
+    score = refractoriness(times[low], times[~low])
+    if score.Q < 0.25 and score.R < 0.05:  # mutually refractory: one neuron
+        return None
+    n_pcs = wPCA.shape[1]
+    c1 = wPCA @ clp0[low].mean(axis=0).reshape(n_pcs, -1)  # [nt0, NchanNear]
+    c2 = wPCA @ clp0[~low].mean(axis=0).reshape(n_pcs, -1)
+    n1, n2 = np.linalg.norm(c1), np.linalg.norm(c2)
+    if np.corrcoef(c1.ravel(), c2.ravel())[0, 1] > 0.9 and 2 * abs(n1 - n2) / (n1 + n2) < 0.2:
+        return None  # same waveform
+    if smaller > 0.05 and confidence > auc_split and min(low.sum(), (~low).sum()) > MIN_SPIKES:
+        return low, c1, c2
+    return None
+
+
+def split_all_clusters(features, st3, dWU, W, sim, ineigh, ineigh_pc, parent, iC, iW, wPCA, fs, auc_split,
+                       from_mean):
+    """One pass of splitAllClusters.m over all clusters (including the ones it creates)."""
+    labels = st3[:, 1].astype(np.int64)
+    times = st3[:, 0] / fs
+    dWU, W, sim, ineigh, ineigh_pc, parent, iW = (a.copy() for a in (dWU, W, sim, ineigh, ineigh_pc, parent, iW))
+    n_splits = 0
+    k = 0
+    while k < len(dWU):
+        rows = np.flatnonzero(labels == k)
+        result = None
+        if len(rows) >= MIN_SPIKES:
+            clp0 = features[rows].reshape(len(rows), -1).astype(np.float64)
+            result = try_split(clp0, times[rows], wPCA, from_mean, auc_split)
+        if result is None:
+            k += 1
+            continue
+        low, c1, c2 = result
+        new = len(dWU)
+        channels = iC[iW[k]]
+        dWU = np.concatenate([dWU, np.zeros_like(dWU[:1])])
+        dWU[new][:, channels] = c1  # the new cluster's template is the mean of its own spikes
+        dWU[k][:, channels] = c2
+        W = np.concatenate([W, wPCA[None].astype(W.dtype)])
+        iW = np.append(iW, iW[k])
+        parent = np.append(parent, parent[k])
+        labels[rows[low]] = new
+        sim = np.pad(sim, ((0, 1), (0, 1)))
+        sim[new, :] = sim[k, :]
+        sim[:, new] = sim[:, k]
+        sim[k, new] = sim[new, k] = 1
+        ineigh = np.concatenate([ineigh, ineigh[k:k + 1]])
+        ineigh_pc = np.concatenate([ineigh_pc, ineigh_pc[k:k + 1]])
+        n_splits += 1  # k is tested again: the piece that stays may split further
+    st3 = st3.copy()
+    st3[:, 1] = labels
+    return st3, dWU, W, sim, ineigh, ineigh_pc, parent, iW, n_splits
+
+
+def run(ctx):
+    ir, p = ctx.intermediate, ctx.params
+    n_chan = len(ir.chanMap)
+    n_near = min(n_chan, 32)
+    iC = nearest_channels(np.asarray(ir.xc), np.asarray(ir.yc), np.asarray(ir.kcoords), n_near)
+    wPCA = np.asarray(ir.wPCA, dtype=np.float64)
+    dWU = np.asarray(ir.dWU, dtype=np.float64)
+    iW = tm.peak_channels(dWU, p.nt0min)
+    state = (np.asarray(ir.st3_m), dWU, np.asarray(ir.W), np.asarray(ir.simScore), np.asarray(ir.iNeigh),
+             np.asarray(ir.iNeighPC), np.arange(len(dWU)))
+    features = ir.cProjPC
+    for from_mean in (False, True):
+        st3, dWU, W, sim, ineigh, ineigh_pc, parent, iW, n_splits = split_all_clusters(
+            features, *state, iC, iW, wPCA, p.fs, p.AUCsplit, from_mean)
+        state = (st3, dWU, W, sim, ineigh, ineigh_pc, parent)
+        logger.info("split (%s): %d splits", "mean" if from_mean else "PC", n_splits)
+    Ka, Kb = tm.alignment_kernels(p.nt0, p.nt0min)
+    W, U, mu = tm.svd_templates(dWU, W, iC, iW, Ka, Kb, p.nt0min)
+    siblings = sim == 1
+    sim = tm.similarity(W.astype(np.float32), U.astype(np.float32), iC, iW, n_chan, n_near)["simScore"]
+    sim[siblings] = 1
+    ir.st3_s, ir.W_s, ir.U_s, ir.mu_s, ir.dWU_s = st3, W, U, mu, dWU
+    ir.simScore_s = sim
+    ir.iNeigh_s, ir.iNeighPC_s, ir.parent_s = ineigh, iC[iW], parent

@@ -1,0 +1,99 @@
+"""The Phy folder and the returned sorting: phylib and SpikeInterface load it and agree; post-processing helps."""
+
+import numpy as np
+import pytest
+import spikeinterface.extractors as se
+from spikeinterface.core import NumpySorting
+
+import si_ks2py
+from si_ks2py.context import Intermediate
+from si_ks2py.demo import generate_demo_recording, score, summary
+from si_ks2py.pipeline import run, stage_fingerprints
+
+pytestmark = pytest.mark.slow
+
+
+def output(demo_sort):
+    return demo_sort["folder"] / "sorter_output"
+
+
+def test_phylib_template_model_loads_and_agrees(demo_sort):
+    from phylib.io.model import load_model
+
+    sorting = demo_sort["sorting"]
+    model = load_model(output(demo_sort) / "params.py")
+    try:
+        assert model.n_channels == 32 and model.sample_rate == 30000.0
+        times = np.round(model.spike_times * model.sample_rate).astype(np.int64)
+        for unit in sorting.unit_ids:
+            np.testing.assert_array_equal(times[model.spike_clusters == unit], sorting.get_unit_spike_train(unit))
+        assert set(np.unique(model.spike_clusters)) == set(sorting.unit_ids)
+        assert model.sparse_templates.data.shape == (model.n_templates, 82, 32)
+        assert model.sparse_features.data.shape == (model.n_spikes, 32, 3)  # phylib's layout of pc_features
+        assert model.sparse_template_features.data.shape == (model.n_spikes, 32)
+        labels = dict(zip(sorting.unit_ids.tolist(), sorting.get_property("KSLabel")))
+        assert model.metadata["KSLabel"] == labels
+        waveforms = model.get_waveforms(np.arange(5), np.arange(4))  # reads the recording's own file
+        assert waveforms.shape == (5, 82, 4) and np.isfinite(waveforms).all()
+    finally:
+        model.close()
+
+
+def test_read_kilosort_agrees_with_returned_sorting(demo_sort):
+    sorting = demo_sort["sorting"]
+    phy = se.read_kilosort(output(demo_sort))
+    assert list(phy.unit_ids) == list(sorting.unit_ids)
+    assert phy.count_num_spikes_per_unit() == sorting.count_num_spikes_per_unit()
+    for unit in sorting.unit_ids:
+        np.testing.assert_array_equal(phy.get_unit_spike_train(unit), sorting.get_unit_spike_train(unit))
+    for name in ("KSLabel", "ContamPct", "Amplitude", "original_cluster_id"):
+        np.testing.assert_array_equal(phy.get_property(name), sorting.get_property(name))
+    good = se.read_kilosort(output(demo_sort), keep_good_only=True)
+    assert list(good.unit_ids) == list(sorting.unit_ids[sorting.get_property("KSLabel") == "good"])
+
+
+def test_phy_files_have_kilosort_dtypes_and_shapes(demo_sort):
+    folder = output(demo_sort)
+    load = lambda name: np.load(folder / f"{name}.npy")  # noqa: E731
+    n = len(load("spike_times"))
+    n_templates = len(load("templates"))
+    expected = {"spike_times": (np.uint64, (n,)), "spike_templates": (np.uint32, (n,)),
+                "spike_clusters": (np.uint32, (n,)), "amplitudes": (np.float64, (n,)),
+                "templates": (np.float32, (n_templates, 82, 32)), "templates_ind": (np.float64, (n_templates, 32)),
+                "channel_map": (np.int32, (32,)), "channel_positions": (np.float64, (32, 2)),
+                "similar_templates": (np.float32, (n_templates, n_templates)),
+                "pc_features": (np.float32, (n, 3, 32)), "pc_feature_ind": (np.uint32, (n_templates, 32)),
+                "template_features": (np.float32, (n, 32)), "template_feature_ind": (np.uint32, (n_templates, 32)),
+                "whitening_mat": (np.float64, (32, 32)), "whitening_mat_inv": (np.float64, (32, 32))}
+    for name, (dtype, shape) in expected.items():
+        array = load(name)
+        assert array.dtype == dtype and array.shape == shape, name
+    assert np.all(np.diff(load("spike_times").astype(np.int64)) >= 0)
+    np.testing.assert_allclose(load("whitening_mat") @ load("whitening_mat_inv"), np.eye(32), atol=1e-8)
+    assert (folder / "cluster_KSLabel.tsv").read_text().startswith("cluster_id\tKSLabel\n")
+    for figure in ("drift_map", "templates", "batch_similarity"):
+        assert (folder / "qc" / f"{figure}.png").stat().st_size > 10_000
+
+
+def test_post_processing_does_not_lose_units_or_add_bad_ones(demo_sort):
+    cache = Intermediate(output(demo_sort) / "cache", {})
+    before = np.load(cache.folder / "st3.npy")
+    before = NumpySorting.from_samples_and_labels([before[:, 0].astype(np.int64)], [before[:, 1].astype(np.int64)],
+                                                  30000.0)
+    raw, final = summary(score(demo_sort["gt"], before)), summary(score(demo_sort["gt"], demo_sort["sorting"]))
+    assert final["accuracy_0.8"] >= raw["accuracy_0.8"]
+    assert final["false_positive"] <= raw["false_positive"] and final["redundant"] <= raw["redundant"]
+    good = demo_sort["sorting"].get_property("KSLabel") == "good"
+    good_units = summary(score(demo_sort["gt"], demo_sort["sorting"].select_units(demo_sort["sorting"].unit_ids[good])))
+    assert good_units["false_positive"] == 0 and good_units["accuracy_0.8"] == final["accuracy_0.8"]
+
+
+def test_changing_aucsplit_reruns_only_split_and_cutoff(tmp_path):
+    recording, _ = generate_demo_recording(duration=12.0, num_channels=32, num_units=6, seed=3)
+    first = run(recording, tmp_path / "out", {"device": "cpu", "progress": False}, verbose=False)
+    assert set(first.timings) == {"preprocess", "reorder", "learn", "extract", "merge", "split", "cutoff"}
+    again = run(recording, tmp_path / "out", {"device": "cpu", "progress": False, "AUCsplit": 0.8}, verbose=False)
+    assert set(again.timings) == {"split", "cutoff"}
+    sorting = si_ks2py.run(recording, tmp_path / "out", device="cpu", progress=False, verbose=False,
+                           keep_good_only=True)
+    assert set(sorting.get_property("KSLabel")) <= {"good"}
