@@ -1,7 +1,12 @@
 """CuPy ops (same names, signatures and outputs as the NumPy twins in si_ks2py.cpu.ops).
 
-Kernels live in the .cu files of this package and are compiled once per process with cupy.RawModule (CuPy also
-caches the binaries on disk).
+Kernels live in the .cu files of this package (preprocess.cu, detect.cu, pursuit.cu) and are compiled once per
+process with cupy.RawModule (CuPy also caches the binaries on disk). Matrix products go through cuBLAS (``@``).
+
+Memory depends on the batch size n, the channel count C and the template count K only: the largest buffers are
+the projections B [n, K] float32 of match_pursuit, its dense templates [K, nt0, C] float32, correlate_valid's
+[n, C, F] output, and the spatial projections [n, Kc * Nrank] of one chunk of Kc templates (at most
+_PROJECTION_CHUNK_BYTES). Every op is deterministic: no float atomics, sums in a fixed order.
 """
 
 from __future__ import annotations
@@ -28,6 +33,30 @@ def _kernel(file: str, function: str):
 
 def _blocks(n: int, threads: int) -> tuple[int]:
     return ((n + threads - 1) // threads,)
+
+
+_DEFAULT_SHARED_BYTES = 48 * 1024
+_PROJECTION_CHUNK_BYTES = 2 ** 28  # spatial projections of one chunk of templates in match_pursuit
+_CV_TT = 64  # window starts per block of correlate_valid (CV_TT in detect.cu)
+
+
+def _launch(file: str, function: str, grid, block, args, shared_mem: int = 0):
+    kernel = _kernel(file, function)
+    if shared_mem > _DEFAULT_SHARED_BYTES:
+        kernel.max_dynamic_shared_size_bytes = shared_mem
+    kernel(tuple(int(g) for g in grid), tuple(block), args, shared_mem=shared_mem)
+
+
+def _f32(a):
+    return cp.ascontiguousarray(cp.asarray(a, dtype=cp.float32))
+
+
+def _i64(a):
+    return cp.ascontiguousarray(cp.asarray(a, dtype=cp.int64))
+
+
+def _i32(v) -> np.int32:
+    return np.int32(v)
 
 
 def asarray(a, dtype=None):
@@ -80,3 +109,216 @@ def running_min(x, half_width: int, axis: int):
 def running_sum(x, half_width: int, axis: int):
     """See si_ks2py.cpu.ops.running_sum."""
     return _running_window(x, half_width, axis, False)
+
+
+def correlate_valid(x, filters):
+    """See si_ks2py.cpu.ops.correlate_valid (here a direct sum over the nt0 taps, not an FFT)."""
+    x, filters = _f32(x), _f32(filters)
+    n, C = x.shape
+    nt0, F = filters.shape
+    out = cp.empty((n, C, F), dtype=cp.float32)
+    if out.size == 0:
+        return out
+    shared = 4 * (nt0 * F + (_CV_TT + nt0 - 1) * 32)
+    _launch("detect", "correlate_valid", ((n + _CV_TT - 1) // _CV_TT, (C + 31) // 32), (32, 8),
+            (x, filters, out, _i32(n), _i32(C), _i32(nt0), _i32(F)), shared)
+    return out
+
+
+def _peaks(err, threshold, lockout):
+    """See si_ks2py.cpu.ops._peaks: sorted int64 indices (one host synchronisation, for their count)."""
+    n = err.shape[0]
+    flags = cp.empty(n, dtype=cp.uint8)
+    if n:
+        _launch("detect", "peak_flags", _blocks(n, 256), (256,),
+                (err, flags, _i32(n), _i32(lockout), np.float32(threshold * threshold)))
+    return cp.flatnonzero(flags)
+
+
+def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
+    """See si_ks2py.cpu.ops.pc_threshold_spikes."""
+    data, wPCA, iC = _f32(data), _f32(wPCA), _i64(iC)
+    n, C = data.shape
+    nt0, P = wPCA.shape
+    n_near = iC.shape[1]
+    projections = correlate_valid(data, wPCA)  # [n, C, P]
+    total = n * C
+    norm = cp.empty((n, C), dtype=cp.float32)
+    wmax = cp.empty((n, C), dtype=cp.float32)
+    flags = cp.zeros((n, C), dtype=cp.uint8)
+    if total:
+        grid = _blocks(total, 256)
+        _launch("detect", "projection_norm", grid, (256,), (projections, norm, np.int64(total), _i32(P)))
+        _launch("detect", "window_max_above", grid, (256,),
+                (norm, wmax, _i32(n), _i32(C), _i32(nt0), np.float32(threshold)))
+        _launch("detect", "pc_peak_flags", grid, (256,),
+                (norm, wmax, iC, flags, _i32(n), _i32(C), _i32(nt0), _i32(nt0min), _i32(n_near),
+                 np.float32(threshold)))
+    index = cp.flatnonzero(flags)  # row-major: sorted by (time, channel)
+    t, c = index // C, index % C
+    features = projections[t[:, None], iC[c], :]
+    return t, c, cp.ascontiguousarray(features)
+
+
+def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spacing: int = 5):
+    """See si_ks2py.cpu.ops.prototype_spikes."""
+    data, wTEMP, iC = _f32(data), _f32(wTEMP), _i64(iC)
+    n, C = data.shape
+    nt0, R = wTEMP.shape
+    if n_sum > 32:
+        raise ValueError(f"prototype_spikes sums over at most 32 nearest channels, got n_sum = {n_sum}")
+    if n_sum > iC.shape[1]:
+        raise ValueError(f"n_sum = {n_sum} exceeds the {iC.shape[1]} nearest channels of iC")
+    err = cp.zeros(n, dtype=cp.float32)
+    channel = cp.zeros(n, dtype=cp.int64)
+    if n and C:
+        filtered = correlate_valid(data, wTEMP)  # [n, C, R]
+        _launch("detect", "prototype_scores", (n,), (128,),
+                (filtered, iC, err, channel, _i32(n), _i32(C), _i32(R), _i32(iC.shape[1]), _i32(n_sum), _i32(nt0)),
+                4 * C * R)
+        del filtered
+    t = _peaks(err, threshold, nt0 - 1)
+    c, x = channel[t], err[t]
+    keep = cp.ones(len(t), dtype=cp.uint8)
+    if len(t):
+        _launch("detect", "cleanup_heights", _blocks(len(t), 128), (128,),
+                (c, x, keep, _i32(len(t)), _i32(channel_spacing)))
+    keep = keep.astype(bool)
+    return t[keep], c[keep]
+
+
+def _dense_templates(W, U):
+    """[K, nt0, C] float32 templates W_k U_k' (r summed in order, as the NumPy einsum)."""
+    K, nt0, R = W.shape
+    C = U.shape[1]
+    T = cp.empty((K, nt0, C), dtype=cp.float32)
+    if T.size:
+        _launch("pursuit", "dense_templates", _blocks(T.size, 256), (256,),
+                (W, U, T, _i32(K), _i32(nt0), _i32(C), _i32(R)))
+    return T
+
+
+def _template_projections(data, W, U):
+    """B [n, K] float32: <T_k, data[t:t+nt0]> for t <= n - nt0, 0 beyond. Spatial projections by cuBLAS, one chunk
+    of templates at a time (at most _PROJECTION_CHUNK_BYTES), then the temporal sum by template_projections."""
+    n, C = data.shape
+    K, nt0, R = W.shape
+    B = cp.empty((n, K), dtype=cp.float32)
+    Wt = cp.ascontiguousarray(W.transpose(1, 2, 0))  # [nt0, R, K]
+    chunk = max(32, _PROJECTION_CHUNK_BYTES // (4 * R * max(n, 1)) // 32 * 32)
+    tile = 32
+    while tile > 8 and 4 * (tile + nt0 - 1) * 32 * R > _DEFAULT_SHARED_BYTES:
+        tile -= 8
+    shared = 4 * (tile + nt0 - 1) * 32 * R
+    for a in range(0, K, chunk):  # chunks of templates, not a loop per template
+        b = min(K, a + chunk)
+        spatial = cp.ascontiguousarray(data @ U[a:b].transpose(1, 0, 2).reshape(C, (b - a) * R))  # [n, Kc * R]
+        _launch("pursuit", "template_projections", ((n + tile - 1) // tile, (b - a + 31) // 32), (32, 8),
+                (spatial, Wt, B, _i32(n), _i32(K), _i32(a), _i32(b - a), _i32(nt0), _i32(R), _i32(tile)), shared)
+        del spatial
+    return B
+
+
+def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float, n_iter: int,
+                  feature_templates=None):
+    """See si_ks2py.cpu.ops.match_pursuit. One host synchronisation per iteration (the count of its spikes)."""
+    data = _f32(data)
+    n, C = data.shape
+    W = _f32(W)
+    K, nt0, R = W.shape
+    if K == 0:
+        empty = cp.zeros(0, dtype=cp.int64)
+        return (empty, empty.copy(), cp.zeros(0, cp.float32), cp.zeros(0, cp.float32), data.copy(),
+                None if feature_templates is None else cp.zeros((0, 0), cp.float32))
+    U, mu, neighbors, xcorr = _f32(U), _f32(mu), _i64(neighbors), _f32(xcorr)
+    M = neighbors.shape[1]
+    lockout, last = nt0 - 1, n - nt0
+    templates = _dense_templates(W, U)
+    B = _template_projections(data, W, U)
+    lam_mu = mu * np.float32(lam)  # float32, as np.float32(lam) * mu
+    lmm = lam_mu * mu
+    denom = np.float32(1 + lam)
+    err = cp.zeros(n, dtype=cp.float32)
+    ftype = cp.zeros(n, dtype=cp.int32)
+    if last >= 0:
+        _launch("pursuit", "cost_all", _blocks((last + 1) * 32, 256), (256,),
+                (B, lam_mu, lmm, err, ftype, _i32(last), _i32(K), denom))
+    residual = data.copy()
+    ftemp = None if feature_templates is None else _i64(feature_templates)
+    found = []
+    for _ in range(n_iter):
+        st = _peaks(err, threshold, lockout)
+        s = int(st.size)
+        if s == 0:
+            break
+        ids = cp.empty(s, dtype=cp.int64)
+        y = cp.empty(s, dtype=cp.float32)
+        x = cp.empty(s, dtype=cp.float32)
+        _launch("pursuit", "pursuit_spikes", _blocks(s, 128), (128,), (st, B, err, ftype, ids, y, x, _i32(s), _i32(K)))
+        feat = None
+        if ftemp is not None:
+            n_near = ftemp.shape[1]
+            feat = cp.empty((s, n_near), dtype=cp.float32)
+            if n_near:
+                _launch("pursuit", "pursuit_features", _blocks(s * n_near, 128), (128,),
+                        (st, ids, ftemp, B, mu, feat, _i32(s), _i32(n_near), _i32(K), _i32(last), np.float32(lam)))
+        _launch("pursuit", "subtract_spikes", (s,), (256,), (residual, templates, st, ids, y, _i32(nt0), _i32(C)))
+        for parity in (0, 1):  # spikes of one parity have disjoint update windows
+            blocks = (s - parity + 1) // 2
+            if blocks and M:
+                _launch("pursuit", "update_projections", (blocks,), (256,),
+                        (B, st, ids, y, neighbors, xcorr, _i32(s), _i32(parity), _i32(M), _i32(nt0), _i32(K),
+                         _i32(last)))
+        _launch("pursuit", "cost_near_spikes", _blocks(s * (2 * lockout + 1) * 32, 256), (256,),
+                (B, lam_mu, lmm, err, ftype, st, _i32(s), _i32(lockout), _i32(last), _i32(K), denom))
+        found.append((st, ids, y, x, feat))
+    if not found:
+        st = cp.zeros(0, dtype=cp.int64)
+        feats = None if ftemp is None else cp.zeros((0, ftemp.shape[1]), dtype=cp.float32)
+        return st, st.copy(), cp.zeros(0, cp.float32), cp.zeros(0, cp.float32), residual, feats
+    st, ids, y, x = (cp.concatenate([f[i] for f in found]) for i in range(4))
+    total = st.size
+    order = cp.argsort(st * total + cp.arange(total, dtype=cp.int64))  # by time, then iteration: a stable sort
+    feats = None if ftemp is None else cp.concatenate([f[4] for f in found])[order]
+    return st[order], ids[order], y[order], x[order], residual, feats
+
+
+def accumulate_templates(residual, st, ids, y, W, U, n_templates: int):
+    """See si_ks2py.cpu.ops.accumulate_templates: each template's spikes summed in (template, time) order, in
+    float64, one thread per output element (no atomics)."""
+    residual, st, ids, y, W, U = _f32(residual), _i64(st), _i64(ids), _f32(y), _f32(W), _f32(U)
+    n, C = residual.shape
+    K, nt0, R = W.shape
+    dwu = cp.zeros((n_templates, nt0, C), dtype=cp.float64)
+    S = int(st.size)
+    if S == 0:
+        return dwu, cp.zeros(n_templates, dtype=cp.int64)
+    if n_templates != K:
+        raise ValueError(f"accumulate_templates: n_templates = {n_templates} but W holds {K} templates")
+    counts = cp.bincount(ids, minlength=n_templates).astype(cp.int64)
+    order = cp.argsort((ids * n + st) * S + cp.arange(S, dtype=cp.int64))  # (template, time, input order)
+    st_sorted, y_sorted = st[order], y[order]
+    starts = cp.searchsorted(ids[order], cp.arange(n_templates + 1, dtype=cp.int64), side="left")
+    if dwu.size:
+        _launch("pursuit", "accumulate_templates", _blocks(dwu.size, 256), (256,),
+                (residual, st_sorted, y_sorted, starts, W, U, dwu, _i32(n_templates), _i32(nt0), _i32(C), _i32(R)))
+    return dwu, counts
+
+
+def pc_features(residual, st, ids, y, W, U, channels, wPCA):
+    """See si_ks2py.cpu.ops.pc_features."""
+    residual, st, ids, y, W, U = _f32(residual), _i64(st), _i64(ids), _f32(y), _f32(W), _f32(U)
+    channels, wPCA = _i64(channels), _f32(wPCA)
+    nt0 = W.shape[1]
+    P, J = wPCA.shape[1], channels.shape[1]
+    C = residual.shape[1]
+    if P > 16:
+        raise ValueError(f"pc_features handles at most 16 PCs, got {P}")
+    S = int(st.size)
+    out = cp.empty((S, P, J), dtype=cp.float32)
+    if out.size == 0:
+        return out
+    own = _f32(cp.einsum("ktr,kjr,tp->kpj", W, cp.take_along_axis(U, channels[:, :, None], axis=1), wPCA))
+    _launch("pursuit", "pc_features", _blocks(S * J, 128), (128,),
+            (residual, st, ids, y, channels, wPCA, own, out, _i32(S), _i32(nt0), _i32(C), _i32(P), _i32(J)))
+    return out

@@ -1,0 +1,257 @@
+// Kernels of template matching pursuit (mexMPnu8.cu) and of the per-spike accumulations that follow it.
+// Arrays are C-ordered: a batch is x[t * C + c]; projections B[t * K + k]; W [K, nt0, R]; U [K, C, R];
+// dense templates T [K, nt0, C]. Float arithmetic that the NumPy twin does in several rounded steps uses the
+// explicit _rn intrinsics, so that no fused multiply-add changes the rounding.
+
+// T[k, i, c] = sum_r W[k, i, r] * U[k, c, r] in float, r ascending; one thread per element.
+__device__ __forceinline__ float template_value(const float* __restrict__ W, const float* __restrict__ U,
+                                                const int k, const int i, const int c, const int nt0,
+                                                const int C, const int R)
+{
+    float acc = 0.0f;
+    for (int r = 0; r < R; r++)
+        acc = __fadd_rn(acc, __fmul_rn(W[((size_t)k * nt0 + i) * R + r], U[((size_t)k * C + c) * R + r]));
+    return acc;
+}
+
+extern "C" __global__ void dense_templates(const float* __restrict__ W, const float* __restrict__ U,
+                                           float* __restrict__ T, const int K, const int nt0, const int C,
+                                           const int R)
+{
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long long)K * nt0 * C) return;
+    const int c = (int)(e % C), i = (int)((e / C) % nt0), k = (int)(e / ((long long)C * nt0));
+    T[e] = template_value(W, U, k, i, c, nt0, C, R);
+}
+
+// B[t, k0 + k] = sum_i sum_r Wt[i, r, k0 + k] * spatial[t + i, k * R + r] for t <= n - nt0, 0 beyond, where
+// spatial [n, Kc * R] holds the batch projected on the spatial factors of templates k0 .. k0 + Kc - 1 and
+// Wt [nt0, R, K] the temporal factors. Grid (ceil(n / tile), ceil(Kc / 32)), block (32, 8): 32 templates x 8 row
+// lanes; each thread sums tile / 8 (<= 4) window starts. The tile's spatial rows are staged in dynamic shared
+// memory: (tile + nt0 - 1) * 32 * R floats.
+extern "C" __global__ void template_projections(const float* __restrict__ spatial, const float* __restrict__ Wt,
+                                                float* __restrict__ B, const int n, const int K, const int k0,
+                                                const int Kc, const int nt0, const int R, const int tile)
+{
+    extern __shared__ float sp[];
+    const int lane = threadIdx.x, row = threadIdx.y;
+    const int width = 32 * R;
+    const int t0 = blockIdx.x * tile;
+    const int col0 = blockIdx.y * width;
+    const int cols = Kc * R;
+    for (int r = row; r < tile + nt0 - 1; r += 8) {
+        const int t = t0 + r;
+        for (int q = lane; q < width; q += 32)
+            sp[r * width + q] = (t < n && col0 + q < cols) ? spatial[(size_t)t * cols + col0 + q] : 0.0f;
+    }
+    __syncthreads();
+    const int kl = blockIdx.y * 32 + lane;
+    if (kl >= Kc) return;
+    const int k = k0 + kl;
+    const int per = tile / 8;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < nt0; i++) {
+        for (int r = 0; r < R; r++) {
+            const float w = Wt[((size_t)i * R + r) * K + k];
+            const float* s = sp + (row + i) * width + lane * R + r;
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+                if (q < per) acc[q] = fmaf(w, s[q * 8 * width], acc[q]);
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const int t = t0 + row + 8 * q;
+        if (q < per && t < n) B[(size_t)t * K + k] = t <= n - nt0 ? acc[q] : 0.0f;
+    }
+}
+
+// Cost of row t, computed by one warp: C[t, k] = (max(B, 0) + lam_mu_k)^2 / denom - lmm_k (lmm = lam_mu * mu);
+// err[t] = max(0, max_k C[t, k]), ftype[t] = first argmax.
+__device__ __forceinline__ void cost_row(const float* __restrict__ B, const float* __restrict__ lam_mu,
+                                         const float* __restrict__ lmm, float* __restrict__ err,
+                                         int* __restrict__ ftype, const long long t, const int K,
+                                         const float denom)
+{
+    const int lane = threadIdx.x & 31;
+    float bv = -__int_as_float(0x7f800000);
+    int bk = 0x7fffffff;
+    const float* b = B + t * K;
+    for (int k = lane; k < K; k += 32) {
+        const float a = __fadd_rn(fmaxf(b[k], 0.0f), lam_mu[k]);
+        const float c = __fsub_rn(__fdiv_rn(__fmul_rn(a, a), denom), lmm[k]);
+        if (c > bv) {
+            bv = c;
+            bk = k;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v2 = __shfl_down_sync(0xffffffffu, bv, o);
+        const int k2 = __shfl_down_sync(0xffffffffu, bk, o);
+        if (v2 > bv || (v2 == bv && k2 < bk)) {
+            bv = v2;
+            bk = k2;
+        }
+    }
+    if (lane == 0) {
+        err[t] = fmaxf(bv, 0.0f);
+        ftype[t] = bk < K ? bk : 0;  // (only NaN costs leave no argmax)
+    }
+}
+
+// Cost of every row t <= last; one warp per row.
+extern "C" __global__ void cost_all(const float* __restrict__ B, const float* __restrict__ lam_mu,
+                                    const float* __restrict__ lmm, float* __restrict__ err, int* __restrict__ ftype,
+                                    const int last, const int K, const float denom)
+{
+    const long long t = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (t > last) return;
+    cost_row(B, lam_mu, lmm, err, ftype, t, K, denom);
+}
+
+// Cost of the rows st[s] - L .. st[s] + L (within [0, last]) around each spike; one warp per row. Rows shared by
+// two spikes are computed twice from the same B, with the same result.
+extern "C" __global__ void cost_near_spikes(const float* __restrict__ B, const float* __restrict__ lam_mu,
+                                            const float* __restrict__ lmm, float* __restrict__ err,
+                                            int* __restrict__ ftype, const long long* __restrict__ st,
+                                            const int n_spikes, const int L, const int last, const int K,
+                                            const float denom)
+{
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (w >= (long long)n_spikes * (2 * L + 1)) return;
+    const long long t = st[w / (2 * L + 1)] - L + (w % (2 * L + 1));
+    if (t < 0 || t > last) return;
+    cost_row(B, lam_mu, lmm, err, ftype, t, K, denom);
+}
+
+// The spikes of one iteration: template, amplitude and score at each peak.
+extern "C" __global__ void pursuit_spikes(const long long* __restrict__ st, const float* __restrict__ B,
+                                          const float* __restrict__ err, const int* __restrict__ ftype,
+                                          long long* __restrict__ ids, float* __restrict__ y,
+                                          float* __restrict__ x, const int n_spikes, const int K)
+{
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= n_spikes) return;
+    const long long t = st[s];
+    const int k = ftype[t];
+    ids[s] = k;
+    y[s] = B[t * K + k];
+    x[s] = __fsqrt_rn(err[t]);
+}
+
+// Template features (extractFEAT) from B at detection: for f = ftemp[ids[s], q],
+// feat[s, q] = max(0, max_{tau in [-3, 2]} (B[clip(st + tau, 0, last), f] + lam / mu_f) / sqrt(1 + lam / mu_f^2)).
+extern "C" __global__ void pursuit_features(const long long* __restrict__ st, const long long* __restrict__ ids,
+                                            const long long* __restrict__ ftemp, const float* __restrict__ B,
+                                            const float* __restrict__ mu, float* __restrict__ feat,
+                                            const int n_spikes, const int n_near, const int K, const int last,
+                                            const float lam)
+{
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long long)n_spikes * n_near) return;
+    const long long s = e / n_near;
+    const int q = (int)(e % n_near);
+    const long long f = ftemp[ids[s] * n_near + q];
+    const float m = mu[f];
+    const float shift = __fdiv_rn(lam, m);
+    const float scale = __fsqrt_rn(__fadd_rn(1.0f, __fdiv_rn(lam, __fmul_rn(m, m))));
+    float best = -__int_as_float(0x7f800000);
+    for (int tau = -3; tau < 3; tau++) {
+        long long t = st[s] + tau;
+        t = t < 0 ? 0 : (t > last ? last : t);
+        best = fmaxf(best, __fdiv_rn(__fadd_rn(B[t * K + f], shift), scale));
+    }
+    feat[e] = fmaxf(0.0f, best);
+}
+
+// residual[st + i, c] -= y * T[id, i, c]; one block per spike (the windows of one iteration are disjoint).
+extern "C" __global__ void subtract_spikes(float* __restrict__ residual, const float* __restrict__ T,
+                                           const long long* __restrict__ st, const long long* __restrict__ ids,
+                                           const float* __restrict__ y, const int nt0, const int C)
+{
+    const int s = blockIdx.x;
+    const float* tk = T + (size_t)ids[s] * nt0 * C;
+    float* r = residual + (size_t)st[s] * C;
+    const float ys = y[s];
+    for (int e = threadIdx.x; e < nt0 * C; e += blockDim.x) r[e] = __fsub_rn(r[e], __fmul_rn(ys, tk[e]));
+}
+
+// B[st + j - (nt0 - 1), nb] -= y * xcorr[id, m, j] for nb = neighbors[id, m] < K and rows within [0, last], for the
+// spikes 2 * blockIdx.x + parity of the time-sorted list: spikes of one parity are >= 2 * nt0 apart, so their
+// update windows are disjoint; the two parities run as two launches, even first, as in the NumPy twin.
+extern "C" __global__ void update_projections(float* __restrict__ B, const long long* __restrict__ st,
+                                              const long long* __restrict__ ids, const float* __restrict__ y,
+                                              const long long* __restrict__ neighbors,
+                                              const float* __restrict__ xcorr, const int n_spikes, const int parity,
+                                              const int M, const int nt0, const int K, const int last)
+{
+    const int s = 2 * blockIdx.x + parity;
+    if (s >= n_spikes) return;
+    const int J = 2 * nt0 - 1;
+    const long long id = ids[s];
+    const long long t0 = st[s] - (nt0 - 1);
+    const float ys = y[s];
+    const long long* nb = neighbors + id * M;
+    const float* xc = xcorr + id * M * J;
+    for (int e = threadIdx.x; e < M * J; e += blockDim.x) {
+        const int j = e / M, m = e % M;  // m fastest: neighbouring templates are adjacent columns of B
+        const long long k = nb[m];
+        const long long t = t0 + j;
+        if (k >= K || k < 0 || t < 0 || t > last) continue;
+        float* b = B + t * K + k;
+        *b = __fsub_rn(*b, __fmul_rn(ys, xc[(size_t)m * J + j]));
+    }
+}
+
+// dwu[k, i, c] = sum over the spikes of template k (in the given order, starts[k] .. starts[k + 1]) of
+// residual[st + i, c] in double, plus (sum of their y) * T[k, i, c]; one thread per element, no atomics.
+extern "C" __global__ void accumulate_templates(const float* __restrict__ residual, const long long* __restrict__ st,
+                                                const float* __restrict__ y, const long long* __restrict__ starts,
+                                                const float* __restrict__ W, const float* __restrict__ U,
+                                                double* __restrict__ dwu, const int K, const int nt0, const int C,
+                                                const int R)
+{
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long long)K * nt0 * C) return;
+    const int c = (int)(e % C), i = (int)((e / C) % nt0), k = (int)(e / ((long long)C * nt0));
+    double acc = 0.0, amplitude = 0.0;
+    const long long end = starts[k + 1];
+    for (long long s = starts[k]; s < end; s++) {
+        acc = __dadd_rn(acc, (double)residual[(size_t)(st[s] + i) * C + c]);
+        amplitude = __dadd_rn(amplitude, (double)y[s]);
+    }
+    const double tv = (double)template_value(W, U, k, i, c, nt0, C, R);
+    dwu[e] = __dadd_rn(acc, __dmul_rn(amplitude, tv));
+}
+
+#define PC_MAXP 16
+
+// out[s, p, j] = sum_t residual[st + t, ch_j] * wPCA[t, p] + y * own[id, p, j] with ch = channels[id];
+// one thread per (spike, j), P <= PC_MAXP.
+extern "C" __global__ void pc_features(const float* __restrict__ residual, const long long* __restrict__ st,
+                                       const long long* __restrict__ ids, const float* __restrict__ y,
+                                       const long long* __restrict__ channels, const float* __restrict__ wPCA,
+                                       const float* __restrict__ own, float* __restrict__ out, const int n_spikes,
+                                       const int nt0, const int C, const int P, const int J)
+{
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long long)n_spikes * J) return;
+    const long long s = e / J;
+    const int j = (int)(e % J);
+    const long long id = ids[s];
+    const long long ch = channels[id * J + j];
+    const float* r = residual + (size_t)st[s] * C + ch;
+    float acc[PC_MAXP];
+#pragma unroll
+    for (int p = 0; p < PC_MAXP; p++) acc[p] = 0.0f;
+    for (int t = 0; t < nt0; t++) {
+        const float v = r[(size_t)t * C];
+#pragma unroll
+        for (int p = 0; p < PC_MAXP; p++)
+            if (p < P) acc[p] = __fadd_rn(acc[p], __fmul_rn(v, wPCA[t * P + p]));
+    }
+    const float ys = y[s];
+#pragma unroll
+    for (int p = 0; p < PC_MAXP; p++)
+        if (p < P) out[(s * P + p) * J + j] = __fadd_rn(acc[p], __fmul_rn(ys, own[(id * P + p) * J + j]));
+}
