@@ -139,7 +139,7 @@ def similarity(W, U, iC, iW, n_chan: int, n_nearest: int):
     neighbors[a, rank] = b
     xcorr[a, rank] = X
     # iList: columns of simScore sorted descending (stable), so the template itself (similarity 1) comes first
-    order = xp.argsort(-sim, axis=0, kind="stable") if xp is np else xp.argsort(-sim, axis=0)
+    order = xp.argsort(-sim, axis=0, kind="stable")
     ilist = order.T[:, xp.arange(n_nearest) % K] if K else xp.zeros((0, n_nearest), dtype=xp.int64)
     return {"simScore": sim, "iList": ilist, "neighbors": neighbors, "xcorr": xcorr}
 

@@ -176,7 +176,7 @@ def run(ctx):
             add_templates(seed_templates(ops, batch, wTEMP_d, wPCA_d, fixed["iC"], p))
         # sort templates by peak channel (coherent memory access, as in Kilosort)
         fixed["iW"] = tm.peak_channels(state["dWU"], p.nt0min)
-        by_channel = xp.argsort(fixed["iW"], kind="stable") if xp is np else xp.argsort(fixed["iW"])
+        by_channel = xp.argsort(fixed["iW"], kind="stable")
         keep_templates(by_channel)
         fixed["iW"] = fixed["iW"][by_channel]
         *_, residual, _, _, _ = match_and_update(ops, batch, state, fixed, p, int(k), p.Th[0], momentum[ib])
