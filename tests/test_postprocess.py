@@ -92,3 +92,16 @@ def test_cutoff_keeps_clean_units_and_flags_contaminated_ones():
     assert np.isnan(thresholds[2])  # no spikes
     kept = st3[keep]
     assert np.all(kept[kept[:, 1] == 1, 3] > 10.5) and np.all(kept[kept[:, 1] == 0, 3] > 4.0)
+
+
+def test_split_of_a_degenerate_cluster_is_skipped_not_a_crash():
+    """Identical features (a zero-variance mixture) made Kilosort's split crash (MouseLand/Kilosort#85, #199)."""
+    rng = np.random.default_rng(5)
+    st3 = spike_table([refractory_train(rng, 15)])
+    features = np.ones((len(st3), 3, 4), dtype=np.float32)
+    iC = np.tile(np.arange(4), (4, 1))
+    wPCA = np.linalg.qr(rng.normal(size=(61, 3)))[0]
+    out = split_all_clusters(features, st3, np.zeros((1, 61, 4)), np.zeros((1, 61, 3)), np.ones((1, 1)),
+                             np.zeros((1, 4), int), np.zeros((1, 4), int), np.arange(1), iC, np.zeros(1, int), wPCA,
+                             FS, 0.9, from_mean=True)
+    assert out[-1] == 0 and np.all(out[0][:, 1] == 0)

@@ -43,7 +43,9 @@ def running_mean(x: np.ndarray, sigma: float = 250.0) -> np.ndarray:
 def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
     """50 EM iterations of a 1-D two-Gaussian mixture on clp @ w, re-estimating w on odd iterations after 10.
 
-    clp: [n, d] features; w: [d] unit start direction. Returns (responsibilities [n, 2], w).
+    clp: [n, d] features; w: [d] unit start direction. Returns (responsibilities [n, 2], w); the iterations stop
+    early when the mixture degenerates (non-finite statistics), and the caller then sees non-finite
+    responsibilities or one empty side and does not split.
     """
     n = len(clp)
     x = clp @ w
@@ -66,7 +68,12 @@ def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
             weight = rs[:, 0] / s1 + rs[:, 1] / s2
             StS = clp.T @ (clp * weight[:, None]) / n
             StMu = clp.T @ (rs[:, 0] * mu1 / s1 + rs[:, 1] * mu2 / s2) / n
-            w = np.linalg.lstsq(StS, StMu, rcond=None)[0]  # StS can be singular on degenerate clusters
+            if not (np.isfinite(StS).all() and np.isfinite(StMu).all()):
+                break  # a degenerate cluster (Kilosort crashed here, MouseLand/Kilosort#85, #199)
+            try:
+                w = np.linalg.lstsq(StS, StMu, rcond=None)[0]
+            except np.linalg.LinAlgError:
+                break
             w /= np.linalg.norm(w)
             x = clp @ w
     return rs, w
