@@ -50,13 +50,13 @@ def refractoriness(st1: np.ndarray, st2: np.ndarray) -> Refractoriness:
     rate = BIN * n1 * n2 / T if T > 0 else np.inf  # expected pairs per bin for independent trains
     far = np.r_[1:n // 2, 3 * n // 2:2 * n]  # long shoulders
     near_left, near_right = np.arange(n - 50, n - 10), np.arange(n + 11, n + 50)
-    Q00 = K[far].sum() / (len(far) * rate)
-    Q01 = max(K[near_left].sum() / (len(near_left) * rate), K[near_right].sum() / (len(near_right) * rate))
     R00 = max(K[near_left].mean(), K[near_right].mean(), K[far].mean())
     K[n] = 0  # the centre bin holds self-pairs and duplicates
     Qi = np.empty(10)
     Ri = np.empty(10)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # empty or single-instant trains give NaN scores
+        Q00 = K[far].sum() / (len(far) * rate)
+        Q01 = max(K[near_left].sum() / (len(near_left) * rate), K[near_right].sum() / (len(near_right) * rate))
         for i in range(1, 11):
             central = K[n - i:n + i + 1].sum()
             Qi[i - 1] = central / (2 * i * rate)
