@@ -330,17 +330,23 @@ def spikes_of_a_pursuit():
     return residual, st, ids, y, W, U, iC
 
 
+def random_spikes(seed, n_spikes):
+    """Random spikes of 90 synthetic templates on 40 channels over a noise residual of 20000 samples."""
+    rng = np.random.default_rng(seed)
+    W, U, _, iC, iW = synthetic_templates(40, 90, rng)
+    residual = rng.normal(size=(20000, 40)).astype(np.float32)
+    st = rng.integers(0, 20000 - NT0, size=n_spikes)
+    ids = rng.integers(0, 90, size=n_spikes)
+    y = rng.normal(10, 3, size=n_spikes).astype(np.float32)
+    return residual, st, ids, y, W, U, iC, iW
+
+
 @pytest.mark.parametrize("kind", ["random", "pursuit"])
 def test_accumulate_templates(gpu, kind):
     if kind == "random":
-        rng = np.random.default_rng(8)
-        W, U, _, iC, _ = synthetic_templates(40, 90, rng)
-        residual = rng.normal(size=(20000, 40)).astype(np.float32)
-        n_spikes = 5000
-        st = rng.integers(0, 20000 - NT0, size=n_spikes)
+        residual, st, ids, y, W, U, _, _ = random_spikes(8, 5000)
         st[:50] = st[50:100]  # repeated times
-        ids = rng.integers(0, 80, size=n_spikes)  # templates 80..89 without spikes
-        y = rng.normal(10, 3, size=n_spikes).astype(np.float32)
+        ids %= 80  # templates 80..89 without spikes
     else:
         residual, st, ids, y, W, U, _ = spikes_of_a_pursuit()
     K = len(W)
@@ -359,12 +365,7 @@ def test_accumulate_templates(gpu, kind):
 @pytest.mark.parametrize("kind", ["random", "pursuit"])
 def test_pc_features(gpu, kind):
     if kind == "random":
-        rng = np.random.default_rng(9)
-        W, U, _, iC, iW = synthetic_templates(40, 90, rng)
-        residual = rng.normal(size=(20000, 40)).astype(np.float32)
-        st = rng.integers(0, 20000 - NT0, size=3000)
-        ids = rng.integers(0, 90, size=3000)
-        y = rng.normal(10, 3, size=3000).astype(np.float32)
+        residual, st, ids, y, W, U, iC, iW = random_spikes(9, 3000)
     else:
         residual, st, ids, y, W, U, iC = spikes_of_a_pursuit()
         iW = np.abs(np.einsum("ktr,kcr->ktc", W, U)[:, NT0MIN - 1]).argmax(axis=1)

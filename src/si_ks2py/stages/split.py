@@ -52,6 +52,8 @@ def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
     n = len(clp)
     x = clp @ w
     upper = x > x.mean()
+    if min(upper.sum(), (~upper).sum()) < 2:  # no spread along w: nothing to fit
+        return np.full((n, 2), np.nan), w
     mu1, mu2 = x[upper].mean(), x[~upper].mean()
     s1, s2 = x[upper].var(ddof=1), x[~upper].var(ddof=1)
     p = upper.mean()
