@@ -75,9 +75,12 @@ def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
             if not (np.isfinite(StS).all() and np.isfinite(StMu).all()):
                 break  # a degenerate cluster (Kilosort crashed here, MouseLand/Kilosort#85, #199)
             try:
-                w = np.linalg.lstsq(StS, StMu, rcond=None)[0]
-            except np.linalg.LinAlgError:
-                break
+                w = np.linalg.solve(StS, StMu)
+            except np.linalg.LinAlgError:  # singular: the least-squares direction
+                try:
+                    w = np.linalg.lstsq(StS, StMu, rcond=None)[0]
+                except np.linalg.LinAlgError:
+                    break
             w /= np.linalg.norm(w)
             x = clp @ w
     return rs, w
