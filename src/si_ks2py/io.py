@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_finite
+
 
 class RecordingReader:
     """Reads ranges of the sorted part ``[t_start, t_stop)`` of one recording segment.
@@ -29,19 +31,24 @@ class RecordingReader:
         self.t_start = int(t_start)
         self.n_samples = int(t_stop) - int(t_start)
         self.channel_ids = recording.get_channel_ids()[np.asarray(channel_indices)]
+        self.may_hold_nan = np.dtype(recording.get_dtype()).kind == "f"
 
     def clip(self, start: int, stop: int) -> tuple[int, int]:
         return max(0, start), min(self.n_samples, stop)
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        """Traces of [start, stop); ValueError naming the first NaN or inf of a float recording."""
         start, stop = self.clip(start, stop)
-        return self.recording.get_traces(
+        traces = self.recording.get_traces(
             segment_index=0,
             start_frame=self.t_start + start,
             end_frame=self.t_start + stop,
             channel_ids=self.channel_ids,
             return_in_uV=False,
         )
+        if self.may_hold_nan:
+            check_finite(traces, self.t_start + start)
+        return traces
 
 
 def chunk_windows(k: int, NT: int, ntbuff: int, n_samples: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -77,8 +77,8 @@ PARAMS: tuple[Param, ...] = (
           "GPU runs out of memory.", low=1024, high=2**24, allow_none=True),
     Param("AUCsplit", 0.9, "float", "split", "Minimum isolation (area under the curve, max 1) each half of a "
           "cluster needs for the cluster to be split.", low=0, high=1),
-    Param("wave_length", 61, "int", "preprocess", "Template length in samples (odd; 61 at 30 kHz).", "nt0",
-          low=11, high=127),
+    Param("wave_length", 61, "int", "preprocess", "Template length in samples at 30 kHz (odd; 61 = 2 ms); scaled "
+          "to the recording's sampling rate.", "nt0", low=11, high=127),
     Param("keep_good_only", False, "bool", "export", "Return only the units labelled 'good'."),
     Param("skip_kilosort_preprocessing", False, "bool", "preprocess",
           "Skip filtering, common reference and whitening: the recording is taken as already whitened "
@@ -226,6 +226,17 @@ def validate(params: dict, sampling_frequency: float | None = None) -> dict:
     return full
 
 
+def template_length(wave_length: int, fs: float) -> int:
+    """nt0: wave_length (samples at 30 kHz) scaled to the rate fs, rounded to the nearest odd number."""
+    nt0 = int(2 * round((wave_length * fs / 30000.0 - 1) / 2) + 1)
+    if not 11 <= nt0 <= 127:
+        raise ValueError(
+            f"at {fs:g} Hz, wave_length={wave_length} (samples at 30 kHz) gives templates of {nt0} samples, outside "
+            "the supported 11 to 127: change wave_length so that wave_length * fs / 30000 falls in that range"
+        )
+    return nt0
+
+
 def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
     """Validated user params -> the run parameters under their Kilosort names, with the derived sizes.
 
@@ -233,7 +244,7 @@ def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
     """
     p = validate(params, sampling_frequency)
     fs = float(sampling_frequency)
-    nt0 = int(p["wave_length"])
+    nt0 = template_length(p["wave_length"], fs)
     ntbuff = int(p["ntbuff"])
     NT = int(p["NT"]) if p["NT"] is not None else 64 * 1024 + ntbuff
     t_start = int(math.ceil(p["trange"][0] * fs))

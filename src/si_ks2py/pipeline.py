@@ -19,13 +19,14 @@ import numpy as np
 from . import __version__
 from . import params as params_module
 from .backend import get_ops
+from .checks import check_recording_values
 from .context import Context, Intermediate, fingerprint
 from .probe import probe_from_recording
 
 logger = logging.getLogger("si_ks2py")
 
 #: Cached stages in run order (export always runs). Bump a stage's version when its results change.
-STAGE_VERSIONS = {"preprocess": 1, "reorder": 1, "learn": 2, "extract": 2, "merge": 1, "split": 2, "cutoff": 1}
+STAGE_VERSIONS = {"preprocess": 1, "reorder": 2, "learn": 3, "extract": 3, "merge": 1, "split": 2, "cutoff": 1}
 STAGES = tuple(STAGE_VERSIONS)
 
 
@@ -78,6 +79,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
     full = params_module.validate(user_params or {}, recording.get_sampling_frequency())
     run_params = params_module.resolve(full, recording.get_sampling_frequency(), recording.get_num_samples(0))
     probe = probe_from_recording(recording)
+    check_recording_values(recording, run_params.t_start, run_params.t_stop)
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
     cache_folder = Path(full["cache_folder"]) if full["cache_folder"] is not None else output_folder / "cache"

@@ -22,7 +22,7 @@ from .. import templates as tm
 from ..io import batch_margin, batch_prefetch, open_whitened
 from ..probe import nearest_channels
 from ..progress import progress_bar
-from .learn import match_and_update
+from .learn import match_and_update, middle
 
 logger = logging.getLogger("si_ks2py")
 
@@ -31,9 +31,9 @@ FILES = ()
 FILE_INPUTS = ("temp_wh.dat",)
 
 
-def extraction_sweeps(iorig: np.ndarray) -> list[np.ndarray]:
+def extraction_sweeps(iorig: np.ndarray, n_active: int) -> list[np.ndarray]:
     """iorig[ihalf-1::-1] then iorig[ihalf:], each started from the mid-point templates."""
-    ihalf = int(math.ceil(len(iorig) / 2))
+    ihalf = middle(n_active)
     return [iorig[ihalf - 1::-1], iorig[ihalf:]]
 
 
@@ -60,7 +60,7 @@ def run(ctx):
     stride, margin = p.NT - p.ntbuff, batch_margin(p)
     rows, features, pc_features = [], [], []
     bar = progress_bar(total=p.Nbatch, desc="extract", enabled=ctx.show_progress)
-    for sweep in extraction_sweeps(iorig):
+    for sweep in extraction_sweeps(iorig, int(ir.n_active)):
         state = {"W": W_mid, "U": U_mid, "mu": mu_mid, "dWU": dWU_mid, "nsp": xp.zeros(len(mu_mid))}
         for k, raw in batch_prefetch(ctx, data, sweep):
             batch = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)

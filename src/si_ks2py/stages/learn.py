@@ -73,9 +73,14 @@ def extract_templates_from_snippets(ctx, data, rng) -> tuple[np.ndarray, np.ndar
     return prototypes.astype(np.float32), np.ascontiguousarray(wPCA[:, :p.Nrank]).astype(np.float32)
 
 
-def learning_order(iorig: np.ndarray) -> np.ndarray:
-    """Batches in learning order: from the middle of iorig to its start and back (2 * ceil(Nbatch / 2))."""
-    ihalf = int(math.ceil(len(iorig) / 2))
+def middle(n_active: int) -> int:
+    """ihalf: where learning turns and extraction starts, the middle of the active batches at the head of iorig."""
+    return max(1, int(math.ceil(n_active / 2)))
+
+
+def learning_order(iorig: np.ndarray, n_active: int) -> np.ndarray:
+    """Batches in learning order: from the middle of the active batches to the start of iorig and back."""
+    ihalf = middle(n_active)
     return np.concatenate([iorig[ihalf - 1::-1], iorig[:ihalf]])
 
 
@@ -152,7 +157,7 @@ def run(ctx):
     wTEMP_d, wPCA_d = ops.asarray(wTEMP), ops.asarray(wPCA)
     W0 = xp.asarray(wPCA_d, dtype=xp.float64)  # warm start (and rank) of every new template
     m0 = p.minFR * p.NT / p.fs
-    order = learning_order(np.asarray(ir.iorig))
+    order = learning_order(np.asarray(ir.iorig), int(ir.n_active))
     momentum = np.exp(-1.0 / np.linspace(p.momentum[0], p.momentum[1], len(order)))
     state = {"W": xp.zeros((0, p.nt0, p.Nrank)), "U": xp.zeros((0, n_chan, p.Nrank)), "mu": xp.zeros(0),
              "nsp": xp.zeros(0), "dWU": xp.zeros((0, p.nt0, n_chan))}

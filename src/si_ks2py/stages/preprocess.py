@@ -36,11 +36,15 @@ def filter_coefficients(params) -> tuple[np.ndarray, np.ndarray]:
 
 
 def filter_traces(ops, traces, params, coefficients):
-    """gpufilter.m: traces [n, Nchan] (any dtype, selected channels) -> filtered float32 [n, Nchan] on the device."""
+    """gpufilter.m: traces [n, Nchan] (any dtype, selected channels) -> filtered float32 [n, Nchan] on the device.
+
+    The common median reference needs at least 3 channels: it is skipped for fewer (Kilosort would subtract the
+    signal from itself).
+    """
     xp = ops.xp
     x = ops.asarray(traces).astype(xp.float32)
     x -= x.mean(axis=0, keepdims=True)
-    if params.CAR:
+    if params.CAR and x.shape[1] >= 3:  # the median of one or two channels is (half) the signal itself
         x -= xp.median(x, axis=1, keepdims=True)
     return ops.filtfilt_zero_state(x, *coefficients)
 

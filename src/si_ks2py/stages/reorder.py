@@ -5,8 +5,13 @@ templates; ``ccb[i, b]`` is the spike-weighted distance from batch b's templates
 batch i's. The z-scored, symmetrised ``ccb`` is embedded on a line, and ``iorig`` lists the batches along it,
 so neighbouring batches look alike. ``reorder=False`` keeps the time order.
 
-Outputs: ``iorig`` [Nbatch] int64, ``ccb`` [Nbatch, Nbatch] float32 (z-scored, symmetrised; ccb0 in Kilosort),
-``ccbsort`` = ccb[iorig][:, iorig].
+Batches with almost no spikes (under a tenth of the median count: a silent stretch, an unplugged period) go to
+the end of ``iorig``, and ``n_active`` counts the others: learning starts in the middle of the active batches.
+Kilosort started in the middle of all batches, and when that fell in a silent stretch it learnt from silence
+and missed units.
+
+Outputs: ``iorig`` [Nbatch] int64, ``n_active`` [] int64, ``ccb`` [Nbatch, Nbatch] float32 (z-scored,
+symmetrised; ccb0 in Kilosort), ``ccbsort`` = ccb[iorig][:, iorig].
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
 
-OUTPUTS = ("iorig", "ccb", "ccbsort")
+OUTPUTS = ("iorig", "n_active", "ccb", "ccbsort")
 FILES = ()
 FILE_INPUTS = ("temp_wh.dat",)
 
@@ -161,12 +166,23 @@ def zscore_columns(ccb: np.ndarray) -> np.ndarray:
     return z + z.T
 
 
+def active_last(iorig: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, int]:
+    """iorig with the batches holding under a tenth of the median spike count moved to its end (order kept)."""
+    active = counts >= 0.1 * np.median(counts[counts > 0]) if (counts > 0).any() else np.ones(len(counts), bool)
+    return np.concatenate([iorig[active[iorig]], iorig[~active[iorig]]]), int(active.sum())
+
+
+def keep_time_order(ir, n_batch: int):
+    ir.iorig = np.arange(n_batch)
+    ir.n_active = n_batch
+    ir.ccb = ir.ccbsort = np.zeros((n_batch, n_batch), dtype=np.float32)
+
+
 def run(ctx):
     ops, p, ir = ctx.ops, ctx.params, ctx.intermediate
     xp = ops.xp
     if not p.reorder or p.Nbatch < 3:
-        ir.iorig = np.arange(p.Nbatch)
-        ir.ccb = ir.ccbsort = np.zeros((p.Nbatch, p.Nbatch), dtype=np.float32)
+        keep_time_order(ir, p.Nbatch)
         return
     data = open_whitened(ctx)
     n_chan = len(ir.chanMap)
@@ -186,12 +202,14 @@ def run(ctx):
     # the last batch, often short, is replaced by the one before it (as in Kilosort)
     batches = [min(k, p.Nbatch - 2) for k in range(p.Nbatch)]
     previous = None
+    counts = np.zeros(p.Nbatch, dtype=np.int64)
     bar = progress_bar(total=p.Nbatch, desc="reorder", enabled=ctx.show_progress)
     for k, (_, raw) in enumerate(batch_prefetch(ctx, data, batches)):
         S = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
         t, c, features = ops.pc_threshold_spikes(S, wPCA, iC_d, p.ThPre, p.nt0min)
         own = (t >= margin) & (t < margin + stride)
-        if int(own.sum()) > n_clusters:
+        counts[k] = int(own.sum())
+        if counts[k] > n_clusters:
             previous = cluster_batch(xp, features[own], c[own], iC_d, neighbours_d, n_clusters, rng)
         if previous is not None:
             Ws[k], mus[k], ns[k], Whs[k] = previous
@@ -199,13 +217,16 @@ def run(ctx):
     bar.close()
     if previous is None:
         logger.warning("reorder: no batch had enough spikes to cluster; keeping the time order")
-        ir.iorig = np.arange(p.Nbatch)
-        ir.ccb = ir.ccbsort = np.zeros((p.Nbatch, p.Nbatch), dtype=np.float32)
+        keep_time_order(ir, p.Nbatch)
         return
     with np.errstate(invalid="ignore", divide="ignore"):
         ccb = ops.to_host(batch_distances(xp, Ws, mus, ns, Whs, iC_d, neighbours_d))
     ccb0 = zscore_columns(ccb)
-    iorig = sort_batches(ccb0)
+    iorig, n_active = active_last(sort_batches(ccb0), counts)
+    if n_active < p.Nbatch:
+        logger.info("reorder: %d of %d batches hold almost no spikes; learning starts among the others",
+                    p.Nbatch - n_active, p.Nbatch)
     ir.iorig = iorig
+    ir.n_active = n_active
     ir.ccb = ccb0.astype(np.float32)
     ir.ccbsort = ccb0[np.ix_(iorig, iorig)].astype(np.float32)
