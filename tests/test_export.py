@@ -82,10 +82,13 @@ def test_post_processing_does_not_lose_units_or_add_bad_ones(demo_sort):
                                                   30000.0)
     raw, final = summary(score(demo_sort["gt"], before)), summary(score(demo_sort["gt"], demo_sort["sorting"]))
     assert final["accuracy_0.8"] >= raw["accuracy_0.8"]
-    assert final["false_positive"] <= raw["false_positive"] and final["redundant"] <= raw["redundant"]
+    # units that are redundant or false positive (the cutoff can turn a redundant unit into a false positive by
+    # dropping its low-score spikes; the count of bad units must not grow)
+    assert final["false_positive"] + final["redundant"] <= raw["false_positive"] + raw["redundant"], (raw, final)
     good = demo_sort["sorting"].get_property("KSLabel") == "good"
     good_units = summary(score(demo_sort["gt"], demo_sort["sorting"].select_units(demo_sort["sorting"].unit_ids[good])))
-    assert good_units["false_positive"] == 0 and good_units["accuracy_0.8"] == final["accuracy_0.8"]
+    assert good_units["false_positive"] == good_units["redundant"] == 0
+    assert good_units["accuracy_0.8"] == final["accuracy_0.8"]
 
 
 def test_changing_aucsplit_reruns_only_split_and_cutoff(tmp_path):

@@ -139,6 +139,8 @@ def pursuit_inputs(n_chan, K, rng, n_spikes, mu_range=(8.0, 25.0), noise_only=Fa
     else:
         data, _, _ = place_spikes(BATCH, W, U, mu, n_spikes, rng)
     sim = tm.similarity(W, U, iC, iW, n_chan, min(K, 32))
+    sim["neighbors"] = tm.overlap_neighbors(iC, iW, n_chan)
+    sim["xcorr"] = tm.neighbor_xcorr(W, U, sim["neighbors"])
     return data, W, U, mu, sim, iC
 
 

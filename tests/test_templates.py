@@ -93,8 +93,11 @@ def synthetic_batch():
     truth = [(200, 0), (900, 1), (930, 0), (2500, 1), (4100, 0), (4140, 1), (5800 - NT0, 0)]
     for start, k in truth:
         data[start:start + NT0] += T[k]
-    sim = tm.similarity(W.astype(np.float32), U.astype(np.float32), iC, iW, 16, 2)
-    return data, W.astype(np.float32), U.astype(np.float32), mu.astype(np.float32), sim, truth
+    W, U = W.astype(np.float32), U.astype(np.float32)
+    sim = tm.similarity(W, U, iC, iW, 16, 2)
+    sim["neighbors"] = tm.overlap_neighbors(iC, iW, 16)
+    sim["xcorr"] = tm.neighbor_xcorr(W, U, sim["neighbors"])
+    return data, W, U, mu.astype(np.float32), sim, truth
 
 
 def test_match_pursuit_recovers_known_spikes_including_overlaps(synthetic_batch):

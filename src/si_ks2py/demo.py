@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 
 def generate_demo_recording(duration: float = 60.0, num_channels: int = 32, num_units: int = 12, seed: int = 7,
                             sampling_frequency: float = 30000.0):
@@ -86,16 +84,3 @@ def run_demo(folder="ks2py_demo", duration=60.0, num_channels=32, num_units=12, 
     print(f"output (Phy folder): {folder / 'ks2py' / 'sorter_output'}")
     print(f"recording: {folder / 'recording'}")
     return result
-
-
-def ground_truth_snr(recording, gt_sorting, noise_std: float | None = None) -> np.ndarray:
-    """Peak (negative) amplitude of each unit's mean waveform over the noise standard deviation."""
-    traces = recording.get_traces(end_frame=min(recording.get_num_samples(), int(30 * recording.sampling_frequency)))
-    noise = noise_std or float(np.median(np.abs(traces)) / 0.6745)
-    out = []
-    for unit in gt_sorting.unit_ids:
-        st = gt_sorting.get_unit_spike_train(unit)
-        st = st[(st > 50) & (st < len(traces) - 50)]
-        mean = np.mean([traces[t - 30:t + 30] for t in st], axis=0) if len(st) else np.zeros((60, 1))
-        out.append(-mean.min() / noise)
-    return np.array(out)

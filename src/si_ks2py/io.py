@@ -113,6 +113,13 @@ def batch_margin(params) -> int:
     return 3 * params.nt0
 
 
+def owned_spikes(times, params, k: int):
+    """bool mask of the spikes (times: samples in batch k read with its margins) that belong to batch k: in its own
+    samples and inside the sorted range."""
+    stride, margin = params.NT - params.ntbuff, batch_margin(params)
+    return (times >= margin) & (times < margin + stride) & (times - margin + stride * k < params.n_samples)
+
+
 def load_batch(ctx, data: WhitenedData, k: int):
     """Batch k with its margins as float32 on the device, in noise units: [L + 2*margin, Nchan]."""
     p = ctx.params

@@ -117,31 +117,44 @@ def template_xcorr(W, U, pairs_a, pairs_b):
     return out
 
 
-def similarity(W, U, iC, iW, n_chan: int, n_nearest: int):
-    """getMeWtW + neighbour structures for matching pursuit.
-
-    Returns a dict: ``simScore`` [K, K] float32 (max over lags of the template correlation), ``iList``
-    [K, Nnearest] (the most similar templates of each template, itself first; indices wrap when K < Nnearest),
-    ``neighbors`` [K, M] int64 (templates overlapping each template, padded with K) and ``xcorr`` [K, M, 2nt0-1].
-    """
-    xp = array_module(W)
-    K, nt0 = W.shape[:2]
+def overlap_neighbors(iC, iW, n_chan: int):
+    """[K, M] int64: for each template, the templates whose neighbourhoods overlap its own (itself included),
+    padded with K."""
+    xp = array_module(iC)
     overlap = channel_overlap(iC, iW, n_chan)
     a, b = xp.nonzero(overlap)
-    X = template_xcorr(W, U, a, b)
-    sim = xp.zeros((K, K), dtype=xp.float32)
-    sim[a, b] = X.max(axis=1)
     counts = overlap.sum(axis=1)
-    M = int(counts.max()) if K else 0
+    K = len(iW)
     rank = xp.arange(len(a)) - xp.concatenate([xp.zeros(1, dtype=counts.dtype), xp.cumsum(counts)[:-1]])[a]
-    neighbors = xp.full((K, M), K, dtype=xp.int64)
-    xcorr = xp.zeros((K, M, 2 * nt0 - 1), dtype=xp.float32)
+    neighbors = xp.full((K, int(counts.max()) if K else 0), K, dtype=xp.int64)
     neighbors[a, rank] = b
-    xcorr[a, rank] = X
+    return neighbors
+
+
+def neighbor_xcorr(W, U, neighbors):
+    """[K, M, 2*nt0 - 1] float32: template_xcorr of each template with each of its neighbours (0 on padding)."""
+    xp = array_module(W)
+    a, m = xp.nonzero(neighbors < len(W))
+    xcorr = xp.zeros(neighbors.shape + (2 * W.shape[1] - 1,), dtype=xp.float32)
+    xcorr[a, m] = template_xcorr(W, U, a, neighbors[a, m])
+    return xcorr
+
+
+def similarity(W, U, iC, iW, n_chan: int, n_nearest: int):
+    """getMeWtW: ``simScore`` [K, K] float32 (max over lags of the template correlation; 0 for templates without
+    a common channel) and ``iList`` [K, Nnearest] (the most similar templates of each template, itself first;
+    indices wrap when K < Nnearest)."""
+    xp = array_module(W)
+    K = len(W)
+    neighbors = overlap_neighbors(iC, iW, n_chan)
+    xcorr = neighbor_xcorr(W, U, neighbors)
+    sim = xp.zeros((K, K + 1), dtype=xp.float32)  # column K absorbs the padding
+    sim[xp.arange(K)[:, None], neighbors] = xcorr.max(axis=2)
+    sim = sim[:, :K]
     # iList: columns of simScore sorted descending (stable), so the template itself (similarity 1) comes first
     order = xp.argsort(-sim, axis=0, kind="stable")
     ilist = order.T[:, xp.arange(n_nearest) % K] if K else xp.zeros((0, n_nearest), dtype=xp.int64)
-    return {"simScore": sim, "iList": ilist, "neighbors": neighbors, "xcorr": xcorr}
+    return {"simScore": sim, "iList": ilist}
 
 
 def zero_lag_similarity(W, U):

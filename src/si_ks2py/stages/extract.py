@@ -50,9 +50,8 @@ def run(ctx):
     iC = nearest_channels(np.asarray(ir.xc), np.asarray(ir.yc), np.asarray(ir.kcoords), min(n_chan, 32))
     Ka, Kb = tm.alignment_kernels(p.nt0, p.nt0min)
     iW = tm.peak_channels(dWU_mid, p.nt0min)
-    sim = tm.similarity(W_mid.astype(xp.float32), U_mid.astype(xp.float32), ops.asarray(iC), iW, n_chan, 1)
     fixed = {"iC": ops.asarray(iC), "iW": iW, "Ka": ops.asarray(Ka), "Kb": ops.asarray(Kb),
-             "neighbors": sim["neighbors"]}
+             "neighbors": tm.overlap_neighbors(ops.asarray(iC), iW, n_chan)}
     feature_templates = ops.asarray(np.asarray(ir.iNeigh))
     template_channels = fixed["iC"][iW]
     wPCA = ops.asarray(np.asarray(ir.wPCA))

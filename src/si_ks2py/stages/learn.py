@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from .. import templates as tm
-from ..io import batch_margin, batch_prefetch, open_whitened
+from ..io import batch_prefetch, open_whitened, owned_spikes
 from ..probe import nearest_channels
 from ..progress import progress_bar
 from .reorder import isolated_peaks, spike_clips
@@ -84,13 +84,6 @@ def learning_order(iorig: np.ndarray, n_active: int) -> np.ndarray:
     return np.concatenate([iorig[ihalf - 1::-1], iorig[:ihalf]])
 
 
-def owned(st, params, k: int):
-    """Spikes (window starts st in the batch read with margins) whose time belongs to batch k."""
-    stride, margin = params.NT - params.ntbuff, batch_margin(params)
-    t = st + params.nt0min
-    return (t >= margin) & (t < margin + stride) & (t - margin + stride * k < params.n_samples)
-
-
 def seed_templates(ops, residual, wTEMP, wPCA, iC, params):
     """New templates from prototype-shaped events in the residual, smoothed by the waveform PCs: [n, nt0, Nchan]."""
     xp = ops.xp
@@ -121,18 +114,13 @@ def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, 
                                 params.nt0min)
     state.update(W=W, U=U, mu=mu)
     W32, U32, mu32 = (a.astype(xp.float32) for a in (W, U, mu))
-    neighbors, xcorr = fixed.get("neighbors"), None
-    if neighbors is None:
-        sim = tm.similarity(W32, U32, fixed["iC"], fixed["iW"], U.shape[1], 1)
-        neighbors, xcorr = sim["neighbors"], sim["xcorr"]
-    else:
-        valid = neighbors < len(W)
-        a, m = xp.nonzero(valid)
-        xcorr = xp.zeros(neighbors.shape + (2 * params.nt0 - 1,), dtype=xp.float32)
-        xcorr[a, m] = tm.template_xcorr(W32, U32, a, neighbors[a, m])
+    neighbors = fixed.get("neighbors")
+    if neighbors is None:  # learning: templates and their channels change from batch to batch
+        neighbors = tm.overlap_neighbors(fixed["iC"], fixed["iW"], U.shape[1])
+    xcorr = tm.neighbor_xcorr(W32, U32, neighbors)
     st, ids, y, x, residual, feat = ops.match_pursuit(data, W32, U32, mu32, neighbors, xcorr, threshold,
                                                       params.lam, params.nInnerIter, features)
-    mine = owned(st, params, k)
+    mine = owned_spikes(st + params.nt0min, params, k)
     st, ids, y, x = st[mine], ids[mine], y[mine], x[mine]
     feat = None if feat is None else feat[mine]
     good = x > params.Th[0]  # only confident spikes update the templates, in every phase

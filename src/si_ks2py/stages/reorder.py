@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ..io import batch_margin, batch_prefetch, open_whitened
+from ..io import batch_prefetch, open_whitened, owned_spikes
 from ..probe import nearest_channels
 from ..progress import progress_bar
 
@@ -198,7 +198,6 @@ def run(ctx):
     mus = xp.zeros((p.Nbatch, n_clusters), dtype=xp.float32)
     ns = xp.zeros((p.Nbatch, n_clusters), dtype=xp.float32)
     Whs = xp.zeros((p.Nbatch, n_clusters), dtype=xp.int64)
-    margin, stride = batch_margin(p), p.NT - p.ntbuff
     # the last batch, often short, is replaced by the one before it (as in Kilosort)
     batches = [min(k, p.Nbatch - 2) for k in range(p.Nbatch)]
     previous = None
@@ -207,7 +206,7 @@ def run(ctx):
     for k, (_, raw) in enumerate(batch_prefetch(ctx, data, batches)):
         S = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
         t, c, features = ops.pc_threshold_spikes(S, wPCA, iC_d, p.ThPre, p.nt0min)
-        own = (t >= margin) & (t < margin + stride)
+        own = owned_spikes(t + p.nt0min, p, k)
         counts[k] = int(own.sum())
         if counts[k] > n_clusters:
             previous = cluster_batch(xp, features[own], c[own], iC_d, neighbours_d, n_clusters, rng)
