@@ -120,11 +120,10 @@ def owned_spikes(times, params, k: int):
     return (times >= margin) & (times < margin + stride) & (times - margin + stride * k < params.n_samples)
 
 
-def load_batch(ctx, data: WhitenedData, k: int):
-    """Batch k with its margins as float32 on the device, in noise units: [L + 2*margin, Nchan]."""
-    p = ctx.params
-    raw = data.batch(k, p.NT - p.ntbuff, batch_margin(p))
-    return ctx.ops.asarray(raw).astype(ctx.ops.xp.float32) / ctx.ops.xp.float32(p.scaleproc)
+def noise_units(ctx, raw):
+    """An int16 whitened batch as float32 on the device, divided by scaleproc (unit noise)."""
+    xp = ctx.ops.xp
+    return ctx.ops.asarray(raw).astype(xp.float32) / xp.float32(ctx.params.scaleproc)
 
 
 def batch_prefetch(ctx, data: WhitenedData, batches):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..templates import dense_templates
+
 logger = logging.getLogger("si_ks2py")
 
 PHY_FILES = ("spike_times.npy", "spike_templates.npy", "spike_clusters.npy", "amplitudes.npy", "templates.npy",
@@ -68,7 +70,7 @@ def write_phy(ctx):
     n_templates, nt0, n_rank = W.shape
     n_chan = U.shape[1]
     Wphy = np.concatenate([np.zeros((n_templates, p.nt0min + 1, n_rank)), W], axis=1)  # centre at nt0min
-    templates = np.einsum("ktr,kcr->ktc", Wphy, U).astype(np.float32)
+    templates = dense_templates(Wphy, U).astype(np.float32)
     whitening = np.asarray(ir.Wrot, dtype=np.float64) / p.scaleproc
     whitening_inv = np.linalg.inv(whitening)
     n_learnt = len(np.asarray(ir.iNeigh))

@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from .. import templates as tm
-from ..io import batch_margin, batch_prefetch, open_whitened
+from ..io import batch_margin, batch_prefetch, noise_units, open_whitened
 from ..probe import nearest_channels
 from ..progress import progress_bar
 from .learn import match_and_update, middle
@@ -62,7 +62,7 @@ def run(ctx):
     for sweep in extraction_sweeps(iorig, int(ir.n_active)):
         state = {"W": W_mid, "U": U_mid, "mu": mu_mid, "dWU": dWU_mid, "nsp": xp.zeros(len(mu_mid))}
         for k, raw in batch_prefetch(ctx, data, sweep):
-            batch = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
+            batch = noise_units(ctx, raw)
             st, ids, y, x, residual, feat, W32, U32 = match_and_update(
                 ops, batch, state, fixed, p, int(k), p.Th[-1], pm, feature_templates)
             pcs = ops.pc_features(residual, st, ids, y, W32, U32, template_channels, wPCA)

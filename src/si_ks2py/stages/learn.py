@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from .. import templates as tm
-from ..io import batch_prefetch, open_whitened, owned_spikes
+from ..io import batch_prefetch, noise_units, open_whitened, owned_spikes
 from ..probe import nearest_channels
 from ..progress import progress_bar
 from .reorder import isolated_peaks, spike_clips
@@ -45,7 +45,7 @@ def extract_templates_from_snippets(ctx, data, rng) -> tuple[np.ndarray, np.ndar
     xp = ops.xp
     clips, n = [], 0
     for k, raw in batch_prefetch(ctx, data, range(0, p.Nbatch, p.nskip)):
-        S = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
+        S = noise_units(ctx, raw)
         rows, cols = isolated_peaks(ops, S, p)
         clips.append(spike_clips(ops, S, rows, cols, p))
         n += len(rows)
@@ -164,7 +164,7 @@ def run(ctx):
 
     bar = progress_bar(total=len(order), desc="learn", enabled=ctx.show_progress)
     for ib, (k, raw) in enumerate(batch_prefetch(ctx, data, order)):
-        batch = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
+        batch = noise_units(ctx, raw)
         if ib == 0:
             add_templates(seed_templates(ops, batch, wTEMP_d, wPCA_d, fixed["iC"], p))
         # sort templates by peak channel (coherent memory access, as in Kilosort)

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ..io import batch_prefetch, open_whitened, owned_spikes
+from ..io import batch_prefetch, noise_units, open_whitened, owned_spikes
 from ..probe import nearest_channels
 from ..progress import progress_bar
 
@@ -71,7 +71,7 @@ def extract_pc_from_snippets(ctx, data, n_pcs: int) -> np.ndarray:
     ops, p = ctx.ops, ctx.params
     cc = np.zeros((p.nt0, p.nt0))
     for k, raw in batch_prefetch(ctx, data, range(0, p.Nbatch, 100)):
-        S = ops.asarray(raw).astype(ops.xp.float32) / ops.xp.float32(p.scaleproc)
+        S = noise_units(ctx, raw)
         rows, cols = isolated_peaks(ops, S, p)
         clips = spike_clips(ops, S, rows, cols, p).astype(ops.xp.float64)
         cc += ops.to_host(clips.T @ clips) / 1000
@@ -204,7 +204,7 @@ def run(ctx):
     counts = np.zeros(p.Nbatch, dtype=np.int64)
     bar = progress_bar(total=p.Nbatch, desc="reorder", enabled=ctx.show_progress)
     for k, (_, raw) in enumerate(batch_prefetch(ctx, data, batches)):
-        S = ops.asarray(raw).astype(xp.float32) / xp.float32(p.scaleproc)
+        S = noise_units(ctx, raw)
         t, c, features = ops.pc_threshold_spikes(S, wPCA, iC_d, p.ThPre, p.nt0min)
         own = owned_spikes(t + p.nt0min, p, k)
         counts[k] = int(own.sum())
