@@ -203,10 +203,10 @@ def run(ctx):
     previous = None
     counts = np.zeros(p.Nbatch, dtype=np.int64)
     bar = progress_bar(total=p.Nbatch, desc="reorder", enabled=ctx.show_progress)
-    for k, (_, raw) in enumerate(batch_prefetch(ctx, data, batches)):
+    for k, (read, raw) in enumerate(batch_prefetch(ctx, data, batches)):
         S = noise_units(ctx, raw)
         t, c, features = ops.pc_threshold_spikes(S, wPCA, iC_d, p.ThPre, p.nt0min)
-        own = owned_spikes(t + p.nt0min, p, k)
+        own = owned_spikes(t + p.nt0min, p, read)  # the batch read (the last one stands in for the final batch)
         counts[k] = int(own.sum())
         if counts[k] > n_clusters:
             previous = cluster_batch(xp, features[own], c[own], iC_d, neighbours_d, n_clusters, rng)
