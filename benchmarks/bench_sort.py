@@ -75,8 +75,7 @@ def main(argv=None):
     print(f"(recording generated and saved in {generation:.1f} s, not counted)")
     for stage, seconds in ctx.timings.items():
         print(f"  {stage:<10} {seconds:8.2f} s")
-    export = wall - sum(ctx.timings.values())
-    print(f"  {'export':<10} {export:8.2f} s")
+    print(f"  {'other':<10} {wall - sum(ctx.timings.values()):8.2f} s")
     print(f"  {'total':<10} {wall:8.2f} s  = {duration / wall:.2f}x realtime")
     print(f"  GT units with accuracy >= 0.8: {result['accuracy_0.8']} / {result['gt_units']}, >= 0.95: "
           f"{result['accuracy_0.95']}; sorted units {result['sorted_units']}, false positive "

@@ -39,8 +39,9 @@ def check_recording_values(recording, t_start: int, t_stop: int):
     windows = sample_windows(recording, t_start, t_stop)
     for start, traces in windows:
         check_finite(traces, start)
-    data = np.concatenate([w for _, w in windows]).astype(np.float64)
-    spread = np.median(np.abs(data - np.median(data, axis=0)), axis=0)  # per-channel MAD
+    data = np.concatenate([w for _, w in windows]).astype(np.float32)
+    every_4th = data[::4]  # 12000 samples per channel are plenty for a median, and 4x faster
+    spread = np.median(np.abs(every_4th - np.median(every_4th, axis=0)), axis=0)  # per-channel MAD
     if not (data.max(axis=0) > data.min(axis=0)).any():
         raise ValueError("every channel of the recording is constant in the sampled windows: nothing to sort "
                          "(is this the right file, dtype and channel count?)")

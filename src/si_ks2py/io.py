@@ -11,6 +11,7 @@ edge, MouseLand/Kilosort#594).
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,32 +24,42 @@ class RecordingReader:
     """Reads ranges of the sorted part ``[t_start, t_stop)`` of one recording segment.
 
     ``channel_indices`` selects recording channels (0-based); ranges are relative to ``t_start`` and clipped to
-    the sorted range. Traces come back in the recording's dtype, [n, len(channel_indices)].
+    the sorted range. ``read`` returns every channel of the recording in its dtype, [n, num_channels] (a
+    binary recording's rows are then a view of the file, where a column selection would be a slow strided
+    gather); ``to_device`` moves them to the device and keeps the selected channels, [n, len(channel_indices)].
     """
 
     def __init__(self, recording, t_start: int, t_stop: int, channel_indices):
         self.recording = recording
         self.t_start = int(t_start)
         self.n_samples = int(t_stop) - int(t_start)
-        self.channel_ids = recording.get_channel_ids()[np.asarray(channel_indices)]
+        channel_indices = np.asarray(channel_indices)
+        self.channel_ids = recording.get_channel_ids()[channel_indices]
+        every_channel = np.array_equal(channel_indices, np.arange(recording.get_num_channels()))
+        self.columns = None if every_channel else channel_indices
         self.may_hold_nan = np.dtype(recording.get_dtype()).kind == "f"
 
     def clip(self, start: int, stop: int) -> tuple[int, int]:
         return max(0, start), min(self.n_samples, stop)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Traces of [start, stop); ValueError naming the first NaN or inf of a float recording."""
+        """Traces of [start, stop), all channels; ValueError naming the first NaN or inf of a selected channel
+        of a float recording."""
         start, stop = self.clip(start, stop)
         traces = self.recording.get_traces(
             segment_index=0,
             start_frame=self.t_start + start,
             end_frame=self.t_start + stop,
-            channel_ids=self.channel_ids,
             return_in_uV=False,
         )
         if self.may_hold_nan:
-            check_finite(traces, self.t_start + start)
+            check_finite(traces if self.columns is None else traces[:, self.columns], self.t_start + start)
         return traces
+
+    def to_device(self, ops, traces):
+        """Traces from ``read`` on the device, selected channels only: [n, len(channel_indices)]."""
+        x = ops.asarray(traces)
+        return x if self.columns is None else x[:, ops.asarray(self.columns)]
 
 
 def chunk_windows(k: int, NT: int, ntbuff: int, n_samples: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -89,7 +100,12 @@ class WhitenedData:
         self.scaleproc = float(scaleproc)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """int16 rows [start, stop) with zeros where the range leaves the data, [stop - start, Nchan]."""
+        """int16 rows [start, stop) with zeros where the range leaves the data, [stop - start, Nchan] (a read-only
+        view when the range is inside the data)."""
+        if 0 <= start and stop <= self.n_samples:
+            view = self.data[start:stop]
+            view.flags.writeable = False
+            return view
         out = np.zeros((stop - start, self.n_channels), dtype=np.int16)
         a, b = max(0, start), min(self.n_samples, stop)
         if b > a:
@@ -101,10 +117,20 @@ class WhitenedData:
         return self.read(stride * k - margin, stride * (k + 1) + margin)
 
 
+def whitened_fits_in_memory(n_bytes: int) -> bool:
+    """Whether the whitened data may be held in host memory: at most half of the memory available now."""
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that says: use the file
+        return False
+    return n_bytes <= available // 2
+
+
 def open_whitened(ctx) -> WhitenedData:
-    """The whitened data of this run (written by the preprocess stage)."""
+    """The whitened data of this run: the copy preprocessing kept in memory, or else its file in the cache."""
     ir = ctx.intermediate
-    return WhitenedData(ir.file_path("temp_wh.dat"), ctx.params.n_samples, len(ir.chanMap), ctx.params.scaleproc)
+    source = ctx.whitened if ctx.get("whitened") is not None else ir.file_path("temp_wh.dat")
+    return WhitenedData(source, ctx.params.n_samples, len(ir.chanMap), ctx.params.scaleproc)
 
 
 def batch_margin(params) -> int:
@@ -127,6 +153,7 @@ def noise_units(ctx, raw):
 
 
 def batch_prefetch(ctx, data: WhitenedData, batches):
-    """Yield (k, int16 batch k with margins) with the next batch read in the background."""
+    """Yield (k, int16 batch k with margins) with the next batch read (and staged for the device) in the
+    background."""
     p = ctx.params
-    return prefetch(lambda k: data.batch(k, p.NT - p.ntbuff, batch_margin(p)), batches)
+    return prefetch(lambda k: ctx.ops.staged(data.batch(k, p.NT - p.ntbuff, batch_margin(p))), batches)

@@ -27,7 +27,7 @@ logger = logging.getLogger("si_ks2py")
 
 #: Cached stages in run order (export always runs). Bump a stage's version when its results change.
 STAGES = tuple(s for s in params_module.STAGES if s != "export")
-STAGE_VERSIONS = {"preprocess": 1, "reorder": 4, "learn": 3, "extract": 3, "merge": 1, "split": 2, "cutoff": 1}
+STAGE_VERSIONS = {"preprocess": 1, "reorder": 4, "learn": 3, "extract": 3, "merge": 1, "split": 3, "cutoff": 1}
 
 
 def recording_fingerprint(recording) -> str:
@@ -94,6 +94,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         output_folder=output_folder,
         show_progress=bool(full["progress"]) and verbose,
         timings={},
+        whitened=None,
     )
 
 

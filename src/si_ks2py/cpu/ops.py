@@ -17,6 +17,12 @@ def asarray(a, dtype=None):
     return np.asarray(a, dtype=dtype)
 
 
+def staged(a):
+    """A copy of a host array (on the GPU, in page-locked memory for a fast transfer; here it forces a read-ahead
+    thread to read the pages of a memory-mapped file)."""
+    return np.array(a)
+
+
 def to_host(a):
     return np.asarray(a)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 logger = logging.getLogger("si_ks2py")
 
@@ -32,9 +33,13 @@ def run_export(ctx):
     from .phy import write_phy
 
     params = ctx.user_params
+    t = time.perf_counter()
     write_phy(ctx)
+    ctx.timings["export"] = time.perf_counter() - t
     if params["fig"]:
+        t = time.perf_counter()
         save_qc_figures(ctx.output_folder, ctx)
+        ctx.timings["qc_figures"] = time.perf_counter() - t
     if params["save_rez_to_mat"]:
         save_rez(ctx)
     for name in tmp_files_to_delete(params["delete_tmp_files"]):

@@ -15,6 +15,7 @@ import functools
 from importlib import resources
 
 import cupy as cp
+import cupyx
 import numpy as np
 
 xp = cp
@@ -59,12 +60,31 @@ def _i32(v) -> np.int32:
     return np.int32(v)
 
 
+_PINNED_RANGE = (2 ** 20, 2 ** 28)  # bytes: transfers that gain from page-locked host memory, none that stay long
+
+
 def asarray(a, dtype=None):
     return cp.asarray(a, dtype=dtype)
 
 
+def staged(a):
+    """A host array ready for a fast transfer to the device: a copy in page-locked memory (the copy is what a
+    read-ahead thread should do, so that the transfer itself is quick)."""
+    a = np.asarray(a)
+    if not _PINNED_RANGE[0] <= a.nbytes <= _PINNED_RANGE[1]:
+        return a
+    out = cupyx.empty_pinned(a.shape, a.dtype)
+    np.copyto(out, a)
+    return out
+
+
 def to_host(a):
-    return cp.asnumpy(a)
+    """The array on the host; mid-sized ones through page-locked memory (several times faster)."""
+    if not isinstance(a, cp.ndarray) or not _PINNED_RANGE[0] <= a.nbytes <= _PINNED_RANGE[1]:
+        return cp.asnumpy(a)
+    out = cupyx.empty_pinned(a.shape, a.dtype)
+    a.get(out=out)
+    return out
 
 
 def synchronize():
@@ -82,8 +102,8 @@ def filtfilt_zero_state(x, b, a):
         raise ValueError("filtfilt_zero_state needs b and a of equal length between 2 and 7")
     n, C = x.shape
     y = cp.empty_like(x)
-    _kernel("preprocess", "filtfilt_zero_state")(
-        _blocks(C, 64), (64,), (x, y, cp.asarray(b), cp.asarray(a), np.int32(order), np.int32(n), np.int32(C))
+    _kernel("preprocess", "filtfilt_zero_state")(  # 32 channels per block: the few threads spread over SMs
+        _blocks(C, 32), (32,), (x, y, cp.asarray(b), cp.asarray(a), np.int32(order), np.int32(n), np.int32(C))
     )
     return y
 

@@ -1,30 +1,63 @@
 // Kernels of the preprocessing stage. Arrays are C-ordered; a batch of traces is x[t * C + c] (time rows).
 
 // Forward then backward IIR filter along time with zero initial state (gpufilter.m), one thread per channel.
-// Direct form II transposed in double precision; b, a hold (order + 1) coefficients with a[0] == 1.
+// Direct form II transposed in double precision; b, a hold (ORDER + 1) coefficients with a[0] == 1. The
+// recursion is sequential in time and there are few threads (one per channel), so each thread loads TILE samples
+// ahead into registers: the loads of a tile are in flight together instead of one memory latency per sample.
+template <int ORDER>
+__device__ void iir_pass(const float* x, float* y, const double* bb, const double* aa,
+                         const int n, const int C, const int c, const bool backward)
+{
+    constexpr int TILE = 64;
+    double z[ORDER + 1];
+#pragma unroll
+    for (int k = 0; k <= ORDER; k++) z[k] = 0.0;
+    for (int t0 = 0; t0 < n; t0 += TILE) {
+        float xs[TILE];
+#pragma unroll
+        for (int j = 0; j < TILE; j++) {
+            const int s = t0 + j;
+            const int t = backward ? n - 1 - s : s;
+            xs[j] = s < n ? x[(size_t)t * C + c] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < TILE; j++) {
+            const int s = t0 + j;
+            if (s >= n) break;
+            const double xt = xs[j];
+            const double yt = bb[0] * xt + z[0];
+#pragma unroll
+            for (int k = 0; k < ORDER - 1; k++) z[k] = bb[k + 1] * xt + z[k + 1] - aa[k + 1] * yt;
+            z[ORDER - 1] = bb[ORDER] * xt - aa[ORDER] * yt;
+            y[(size_t)(backward ? n - 1 - s : s) * C + c] = (float)yt;
+        }
+    }
+}
+
+template <int ORDER>
+__device__ void filtfilt_channel(const float* x, float* y, const double* b, const double* a, const int n,
+                                 const int C, const int c)
+{
+    double bb[ORDER + 1], aa[ORDER + 1];
+#pragma unroll
+    for (int k = 0; k <= ORDER; k++) { bb[k] = b[k]; aa[k] = a[k]; }
+    iir_pass<ORDER>(x, y, bb, aa, n, C, c, false);
+    iir_pass<ORDER>(y, y, bb, aa, n, C, c, true);  // in place: each sample is read before it is written
+}
+
 extern "C" __global__ void filtfilt_zero_state(const float* __restrict__ x, float* __restrict__ y,
                                                const double* __restrict__ b, const double* __restrict__ a,
                                                const int order, const int n, const int C)
 {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    double bb[7], aa[7], z[7];
-    for (int k = 0; k <= order; k++) { bb[k] = b[k]; aa[k] = a[k]; z[k] = 0.0; }
-
-    for (int t = 0; t < n; t++) {
-        const double xt = x[(size_t)t * C + c];
-        const double yt = bb[0] * xt + z[0];
-        for (int k = 0; k < order - 1; k++) z[k] = bb[k + 1] * xt + z[k + 1] - aa[k + 1] * yt;
-        z[order - 1] = bb[order] * xt - aa[order] * yt;
-        y[(size_t)t * C + c] = (float)yt;
-    }
-    for (int k = 0; k <= order; k++) z[k] = 0.0;
-    for (int t = n - 1; t >= 0; t--) {
-        const double xt = y[(size_t)t * C + c];
-        const double yt = bb[0] * xt + z[0];
-        for (int k = 0; k < order - 1; k++) z[k] = bb[k + 1] * xt + z[k + 1] - aa[k + 1] * yt;
-        z[order - 1] = bb[order] * xt - aa[order] * yt;
-        y[(size_t)t * C + c] = (float)yt;
+    switch (order) {
+        case 1: filtfilt_channel<1>(x, y, b, a, n, C, c); break;
+        case 2: filtfilt_channel<2>(x, y, b, a, n, C, c); break;
+        case 3: filtfilt_channel<3>(x, y, b, a, n, C, c); break;
+        case 4: filtfilt_channel<4>(x, y, b, a, n, C, c); break;
+        case 5: filtfilt_channel<5>(x, y, b, a, n, C, c); break;
+        case 6: filtfilt_channel<6>(x, y, b, a, n, C, c); break;
     }
 }
 

@@ -6,18 +6,21 @@ local whitening matrix ``Wrot`` (already times ``scaleproc``), rounding with sat
 streamed: host memory does not depend on its length.
 
 Outputs: ``igood`` (bool per probe channel), ``chanMap``, ``xc``, ``yc``, ``kcoords`` of the kept channels,
-``Wrot`` [Nchan, Nchan] float64, and the file ``temp_wh.dat`` (int16 [n_samples, Nchan], see io.py).
+``Wrot`` [Nchan, Nchan] float64, and the file ``temp_wh.dat`` (int16 [n_samples, Nchan], see io.py). When it fits
+in half of the free host memory, the whitened data is also kept in memory (``ctx.whitened``) for the later stages
+of the same run: they then read no file.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import signal
 
-from ..io import RecordingReader, chunk_windows, prefetch
+from ..io import RecordingReader, chunk_windows, prefetch, whitened_fits_in_memory
 from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
@@ -36,7 +39,8 @@ def filter_coefficients(params) -> tuple[np.ndarray, np.ndarray]:
 
 
 def filter_traces(ops, traces, params, coefficients):
-    """gpufilter.m: traces [n, Nchan] (any dtype, selected channels) -> filtered float32 [n, Nchan] on the device.
+    """gpufilter.m: traces [n, Nchan] (any dtype, selected channels, host or device) -> filtered float32
+    [n, Nchan] on the device.
 
     The common median reference needs at least 3 channels: it is skipped for fewer (Kilosort would subtract the
     signal from itself).
@@ -66,12 +70,12 @@ def get_good_channels(ops, reader: RecordingReader, params) -> np.ndarray:
     alive = xp.zeros(n_chan, dtype=bool)
     seconds = 0.0
     ranges = [(L * k, L * k + params.NT) for k in range(0, params.Nbatch, step)]
-    for (start, stop), traces in prefetch(lambda r: reader.read(*r), ranges):
-        raw = ops.asarray(traces)
+    for (start, stop), traces in prefetch(lambda r: ops.staged(reader.read(*r)), ranges):
+        raw = reader.to_device(ops, traces)
         alive |= (raw != raw[:1]).any(axis=0)
         if traces.shape[0] <= 2 * params.nt0 or params.minfr_goodchannels == 0:
             continue
-        x = filter_traces(ops, traces, params, coefficients)
+        x = filter_traces(ops, raw, params, coefficients)
         std = x.std(axis=0)
         x /= xp.where(std > 0, std, xp.inf)  # a constant channel becomes zeros: no crossings
         is_min = (x < ops.running_min(x, 30, axis=0) + 1e-3) & (x < params.spkTh)
@@ -123,8 +127,9 @@ def get_whitening_matrix(ops, reader: RecordingReader, xc, yc, params) -> np.nda
     n_used = 0
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples)
                for k in range(0, params.Nbatch, params.nSkipCov)]
-    for (read, out), traces in prefetch(lambda w: reader.read(*w[0]), windows):
-        x = filter_traces(ops, traces, params, coefficients)[out[0] - read[0]:out[1] - read[0]].astype(xp.float64)
+    for (read, out), traces in prefetch(lambda w: ops.staged(reader.read(*w[0])), windows):
+        x = filter_traces(ops, reader.to_device(ops, traces), params, coefficients)
+        x = x[out[0] - read[0]:out[1] - read[0]].astype(xp.float64)
         cc += x.T @ x
         n_used += x.shape[0]
     cc = ops.to_host(cc) / n_used
@@ -141,20 +146,36 @@ def to_int16(ops, x):
     return xp.clip(xp.rint(x), -32768, 32767).astype(xp.int16)
 
 
-def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, path, show_progress: bool):
-    """The main pass: every chunk filtered with its context, whitened, scaled, int16 -> ``path``."""
+def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, path, show_progress: bool,
+                   in_memory: np.ndarray | None = None):
+    """The main pass: every chunk filtered with its context, whitened, scaled, int16 -> ``path`` (and into
+    ``in_memory``, int16 [n_samples, Nchan], when given). A writer thread stores one chunk while the next is
+    read and processed."""
     coefficients = filter_coefficients(params)
     wrot_dev = ops.asarray(wrot, dtype=ops.xp.float32)
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples) for k in range(params.Nbatch)]
-    with open(path, "wb") as f:
+
+    def store(block, out):
+        f.write(memoryview(block))
+        if in_memory is not None:
+            in_memory[out[0]:out[1]] = block
+
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as writer:
         bar = progress_bar(total=len(windows), desc="preprocess", unit="batch", enabled=show_progress)
-        for (read, out), traces in prefetch(lambda w: reader.read(*w[0]), windows):
+        stored = None
+        for (read, out), traces in prefetch(lambda w: ops.staged(reader.read(*w[0])), windows):
+            raw = reader.to_device(ops, traces)
             if params.skip_preprocessing:
-                x = ops.asarray(traces[out[0] - read[0]:out[1] - read[0]]).astype(ops.xp.float32)
+                x = raw[out[0] - read[0]:out[1] - read[0]].astype(ops.xp.float32)
             else:
-                x = filter_traces(ops, traces, params, coefficients)[out[0] - read[0]:out[1] - read[0]] @ wrot_dev
-            f.write(ops.to_host(to_int16(ops, x)).tobytes())
+                x = filter_traces(ops, raw, params, coefficients)[out[0] - read[0]:out[1] - read[0]] @ wrot_dev
+            block = np.ascontiguousarray(ops.to_host(to_int16(ops, x)))
+            if stored is not None:
+                stored.result()
+            stored = writer.submit(store, block, out)
             bar.update()
+        if stored is not None:
+            stored.result()
         bar.close()
 
 
@@ -177,6 +198,9 @@ def run(ctx):
         wrot = np.eye(len(chan_map))
     else:
         wrot = get_whitening_matrix(ops, reader, xc, yc, params)
+    n_bytes = 2 * params.n_samples * len(chan_map)
+    in_memory = np.empty((params.n_samples, len(chan_map)), np.int16) if whitened_fits_in_memory(n_bytes) else None
     with ir.write_file("temp_wh.dat") as tmp:
-        write_whitened(ops, reader, wrot, params, tmp, ctx.show_progress)
+        write_whitened(ops, reader, wrot, params, tmp, ctx.show_progress, in_memory)
+    ctx.whitened = in_memory  # later stages of this run read the copy in memory instead of the file
     ir.igood, ir.chanMap, ir.xc, ir.yc, ir.kcoords, ir.Wrot = igood, chan_map, xc, yc, kcoords, wrot

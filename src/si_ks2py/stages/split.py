@@ -16,9 +16,12 @@ appended), ``simScore_s``, ``iNeigh_s``, ``iNeighPC_s``, ``parent_s`` [K] (the t
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import signal
+from threadpoolctl import threadpool_limits
 
 from .. import templates as tm
 from ..correlograms import refractoriness
@@ -86,6 +89,14 @@ def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
     return rs, w
 
 
+def top_principal_axis(clp: np.ndarray) -> np.ndarray:
+    """The first left singular vector of clp.T (Kilosort's svd), from the eigenvectors of the small [d, d] Gram
+    matrix; its sign is fixed (largest component positive) so the result does not depend on the LAPACK build."""
+    _, vectors = np.linalg.eigh(clp.T @ clp)
+    w = vectors[:, -1]
+    return w if w[np.argmax(np.abs(w))] >= 0 else -w
+
+
 def try_split(clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_mean: bool, auc_split: float):
     """The spikes of a cluster that form its new piece (bool [n]) with their mean waveform, or None."""
     clp = clp0 - clp0.mean(axis=0)
@@ -93,7 +104,7 @@ def try_split(clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_mean: 
     if from_mean:
         w = clp0.mean(axis=0)
     else:
-        w = np.linalg.svd(clp.T, full_matrices=False)[0][:, 0]
+        w = top_principal_axis(clp)
     norm = np.linalg.norm(w)
     if not np.isfinite(norm) or norm == 0:
         return None
@@ -120,40 +131,63 @@ def try_split(clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_mean: 
     return None
 
 
+def split_chain(features, rows: np.ndarray, times: np.ndarray, wPCA, from_mean: bool, auc_split: float):
+    """Split one cluster (its spike rows, ascending) again and again: [(rows of the new piece, c1, c2), ...] in the
+    order the pieces leave it."""
+    pieces = []
+    while len(rows) >= MIN_SPIKES:
+        clp0 = np.asarray(features[rows]).reshape(len(rows), -1).astype(np.float64)
+        result = try_split(clp0, times[rows], wPCA, from_mean, auc_split)
+        if result is None:
+            break
+        low, c1, c2 = result
+        pieces.append((rows[low], c1, c2))
+        rows = rows[~low]
+    return pieces
+
+
 def split_all_clusters(features, st3, dWU, W, sim, ineigh, ineigh_pc, parent, iC, iW, wPCA, fs, auc_split,
-                       from_mean):
-    """One pass of splitAllClusters.m over all clusters (including the ones it creates)."""
+                       from_mean, n_workers: int = 1):
+    """One pass of splitAllClusters.m over all clusters (including the ones it creates).
+
+    Clusters are independent, so each generation (the clusters that exist, then the ones they created, ...) is
+    split in parallel and the pieces are numbered in (cluster, piece) order: the same ids as Kilosort's loop,
+    which tests cluster k until it stops splitting before it moves on to k + 1 and reaches new clusters last.
+    """
     labels = st3[:, 1].astype(np.int64)
     times = st3[:, 0] / fs
     dWU, W, sim, ineigh, ineigh_pc, parent, iW = (a.copy() for a in (dWU, W, sim, ineigh, ineigh_pc, parent, iW))
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(len(dWU) + 1))
+    rows_of = {k: order[bounds[k]:bounds[k + 1]] for k in range(len(dWU))}
     n_splits = 0
-    k = 0
-    while k < len(dWU):
-        rows = np.flatnonzero(labels == k)
-        result = None
-        if len(rows) >= MIN_SPIKES:
-            clp0 = features[rows].reshape(len(rows), -1).astype(np.float64)
-            result = try_split(clp0, times[rows], wPCA, from_mean, auc_split)
-        if result is None:
-            k += 1
-            continue
-        low, c1, c2 = result
-        new = len(dWU)
-        channels = iC[iW[k]]
-        dWU = np.concatenate([dWU, np.zeros_like(dWU[:1])])
-        dWU[new][:, channels] = c1  # the new cluster's template is the mean of its own spikes
-        dWU[k][:, channels] = c2
-        W = np.concatenate([W, wPCA[None].astype(W.dtype)])
-        iW = np.append(iW, iW[k])
-        parent = np.append(parent, parent[k])
-        labels[rows[low]] = new
-        sim = np.pad(sim, ((0, 1), (0, 1)))
-        sim[new, :] = sim[k, :]
-        sim[:, new] = sim[:, k]
-        sim[k, new] = sim[new, k] = 1
-        ineigh = np.concatenate([ineigh, ineigh[k:k + 1]])
-        ineigh_pc = np.concatenate([ineigh_pc, ineigh_pc[k:k + 1]])
-        n_splits += 1  # k is tested again: the piece that stays may split further
+    pending = list(range(len(dWU)))
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        while pending:
+            chains = pool.map(lambda k: split_chain(features, rows_of[k], times, wPCA, from_mean, auc_split),
+                              pending)
+            created = []
+            for k, chain in zip(pending, chains):
+                for rows, c1, c2 in chain:
+                    new = len(dWU)
+                    channels = iC[iW[k]]
+                    dWU = np.concatenate([dWU, np.zeros_like(dWU[:1])])
+                    dWU[new][:, channels] = c1  # the new cluster's template is the mean of its own spikes
+                    dWU[k][:, channels] = c2
+                    W = np.concatenate([W, wPCA[None].astype(W.dtype)])
+                    iW = np.append(iW, iW[k])
+                    parent = np.append(parent, parent[k])
+                    labels[rows] = new
+                    rows_of[new] = rows
+                    sim = np.pad(sim, ((0, 1), (0, 1)))
+                    sim[new, :] = sim[k, :]
+                    sim[:, new] = sim[:, k]
+                    sim[k, new] = sim[new, k] = 1
+                    ineigh = np.concatenate([ineigh, ineigh[k:k + 1]])
+                    ineigh_pc = np.concatenate([ineigh_pc, ineigh_pc[k:k + 1]])
+                    created.append(new)
+                    n_splits += 1
+            pending = created
     st3 = st3.copy()
     st3[:, 1] = labels
     return st3, dWU, W, sim, ineigh, ineigh_pc, parent, iW, n_splits
@@ -170,11 +204,13 @@ def run(ctx):
     state = (np.asarray(ir.st3_m), dWU, np.asarray(ir.W), np.asarray(ir.simScore), np.asarray(ir.iNeigh),
              np.asarray(ir.iNeighPC), np.arange(len(dWU)))
     features = ir.cProjPC
-    for from_mean in (False, True):
-        st3, dWU, W, sim, ineigh, ineigh_pc, parent, iW, n_splits = split_all_clusters(
-            features, *state, iC, iW, wPCA, p.fs, p.AUCsplit, from_mean)
-        state = (st3, dWU, W, sim, ineigh, ineigh_pc, parent)
-        logger.info("split (%s): %d splits", "mean" if from_mean else "PC", n_splits)
+    n_workers = min(16, os.cpu_count() or 1)
+    with threadpool_limits(limits=1, user_api="blas"):  # one BLAS thread per cluster worker, not 16 each
+        for from_mean in (False, True):
+            st3, dWU, W, sim, ineigh, ineigh_pc, parent, iW, n_splits = split_all_clusters(
+                features, *state, iC, iW, wPCA, p.fs, p.AUCsplit, from_mean, n_workers)
+            state = (st3, dWU, W, sim, ineigh, ineigh_pc, parent)
+            logger.info("split (%s): %d splits", "mean" if from_mean else "PC", n_splits)
     Ka, Kb = tm.alignment_kernels(p.nt0, p.nt0min)
     W, U, mu = tm.svd_templates(dWU, W, iC, iW, Ka, Kb, p.nt0min)
     siblings = sim == 1

@@ -1,0 +1,228 @@
+"""Benchmark against Kilosort 4 on Neuropixels 1.0: one command generates the recordings, sorts them with ks2py
+and kilosort4, and prints for each sort the wall time, x realtime, per-stage times, GPU and host memory peaks and
+the accuracy against the ground truth.
+
+    python benchmarks/bench_neuropixels.py --duration 300 --units 200 --workdir /tmp/npx --n-jobs 16 \
+        --json results.json
+
+The recordings come from SpikeInterface's generate_drifting_recording (384 channels of a Neuropixels 1.0 probe,
+``--units`` units, once static and once with its default zigzag drift); they are saved as int16 binary folders
+first (not timed) and reused by a later call with the same arguments and the same ``--workdir``. Each sort runs
+in its own process, so its GPU memory (sampled with nvidia-smi, above what the GPU held before) and its host peak
+(max RSS) are its own. ``--warmup`` first sorts 10 s with ks2py so that the timed sorts find the compiled kernels
+in CuPy's disk cache; the warm-up's time is printed as the first-run (compile) time.
+
+kilosort4 is run through spikeinterface.sorters.run_sorter with its defaults (drift correction on); its stage
+times are the ``runtime_*`` entries of its ops.npy. Every sort is scored with SpikeInterface's
+compare_sorter_to_ground_truth (exhaustive ground truth, all units of the sort, good and mua).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SETS = ("static", "drift")
+SORTERS = ("ks2py", "kilosort4")
+
+
+def neuropixels_1_probe(num_channels: int = 384):
+    from probeinterface.neuropixels_tools import build_neuropixels_probe
+
+    probe = build_neuropixels_probe("NP1000").get_slice(np.arange(num_channels))
+    probe.set_device_channel_indices(np.arange(num_channels))
+    return probe
+
+
+def generate_sets(args, work: Path) -> dict[str, Path]:
+    """Save the requested recordings (static, drift; int16) and the ground truth under ``work``; reuse the ones
+    saved earlier with the same arguments."""
+    from spikeinterface.generation import generate_drifting_recording
+
+    tag = {"duration": args.duration, "units": args.units, "seed": args.seed, "channels": args.channels}
+    folders = {name: work / f"recording_{name}" for name in SETS} | {"gt": work / "ground_truth"}
+    stamp = work / "generated.json"
+    saved = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if saved.get("tag") != tag:
+        saved = {"tag": tag, "sets": []}
+    missing = [name for name in args.sets if name not in saved["sets"] or not folders[name].exists()]
+    if not missing and folders["gt"].exists():
+        print(f"recordings reused from {work}", flush=True)
+        return folders
+    t = time.perf_counter()
+    static, drifting, gt = generate_drifting_recording(
+        num_units=args.units, duration=args.duration, sampling_frequency=30000.0,
+        probe=neuropixels_1_probe(args.channels), seed=args.seed,
+    )
+    for name in missing:
+        recording = (static if name == "static" else drifting).astype("int16")  # uV floats, noise std 6-8 uV
+        recording.save(folder=folders[name], overwrite=True, n_jobs=args.n_jobs, chunk_duration="1s",
+                       progress_bar=False)
+    gt.save(folder=folders["gt"], overwrite=True)
+    saved["sets"] = sorted(set(saved["sets"]) | set(missing))
+    stamp.write_text(json.dumps(saved))
+    print(f"recordings {missing} generated and saved in {time.perf_counter() - t:.1f} s (not counted)", flush=True)
+    return folders
+
+
+class GpuMemorySampler:
+    """Peak GPU memory used (MiB, nvidia-smi every 100 ms) above the level when it started."""
+
+    def __init__(self):
+        self.peak = self.baseline = None
+        self.process = None
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi") is None:
+            return self
+        command = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+        self.baseline = int(subprocess.check_output(command, text=True).split()[0])
+        self.peak = self.baseline
+        self.process = subprocess.Popen(command + ["-lms", "100"], stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self):
+        for line in self.process.stdout:
+            if line.strip().isdigit():
+                self.peak = max(self.peak, int(line))
+
+    def __exit__(self, *exc):
+        if self.process is not None:
+            self.process.terminate()
+            self.thread.join(timeout=5)
+
+    @property
+    def peak_mib(self):
+        return None if self.peak is None else self.peak - self.baseline
+
+
+def sort_ks2py(recording, folder: Path) -> dict:
+    from si_ks2py.pipeline import run
+
+    t = time.perf_counter()
+    ctx = run(recording, folder, {"device": "auto", "progress": False}, verbose=False)
+    stages = dict(ctx.timings)
+    stages["other"] = time.perf_counter() - t - sum(stages.values())  # checks, fingerprint, cache bookkeeping
+    return {"stages_s": stages, "device": ctx.ops.name}
+
+
+def sort_kilosort4(recording, folder: Path) -> dict:
+    from spikeinterface.sorters import run_sorter
+
+    run_sorter("kilosort4", recording, folder=folder, remove_existing_folder=True, verbose=False)
+    ops = np.load(folder / "sorter_output" / "ops.npy", allow_pickle=True).item()
+    return {"stages_s": {k.removeprefix("runtime_"): float(v) for k, v in ops.items() if k.startswith("runtime_")}}
+
+
+def read_sorted(sorter: str, folder: Path):
+    if sorter == "ks2py":
+        from si_ks2py.export.sorting import read_sorting
+
+        return read_sorting(folder)
+    from spikeinterface.sorters import read_sorter_folder
+
+    return read_sorter_folder(folder)
+
+
+def child(args):
+    """One sort in this process; prints its result as one JSON line."""
+    import spikeinterface.core as sc
+
+    from si_ks2py.demo import score, summary
+
+    recording = sc.load(args.recording)
+    if args.seconds:
+        recording = recording.frame_slice(0, int(args.seconds * recording.sampling_frequency))
+    folder = Path(args.folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    t = time.perf_counter()
+    result = (sort_ks2py if args.child == "ks2py" else sort_kilosort4)(recording, folder)
+    wall = time.perf_counter() - t
+    duration = recording.get_num_samples() / recording.sampling_frequency
+    result.update(wall_s=wall, duration_s=duration, x_realtime=duration / wall,
+                  host_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if not args.seconds:
+        result.update(summary(score(sc.load(args.gt), read_sorted(args.child, folder))))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(sorter: str, recording: Path, gt: Path, folder: Path, seconds: float = 0.0) -> dict:
+    command = [sys.executable, __file__, "--child", sorter, "--recording", str(recording), "--gt", str(gt),
+               "--folder", str(folder), "--seconds", str(seconds)]
+    with GpuMemorySampler() as memory:
+        done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        print(f"{sorter} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", flush=True)
+        return {"failed": True}
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    result["gpu_peak_mib"] = memory.peak_mib
+    return result
+
+
+def report(name: str, sorter: str, r: dict) -> str:
+    if r.get("failed"):
+        return f"{name:<7}{sorter:<10} failed"
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
+    gpu = "n/a" if r.get("gpu_peak_mib") is None else f"{r['gpu_peak_mib'] / 1024:.2f} GB"
+    return (f"{name:<7}{sorter:<10} wall {r['wall_s']:7.1f} s = {r['x_realtime']:5.1f}x realtime, GPU peak {gpu}, "
+            f"host peak {r['host_peak_mib'] / 1024:.1f} GB; GT >= 0.8: {r['accuracy_0.8']}/{r['gt_units']}, "
+            f">= 0.95: {r['accuracy_0.95']}, units {r['sorted_units']}, false positive {r['false_positive']}, "
+            f"redundant {r['redundant']}\n{'':17}stages (s): {stages}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=300.0)
+    parser.add_argument("--units", type=int, default=200)
+    parser.add_argument("--channels", type=int, default=384)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+    parser.add_argument("--sorters", nargs="+", choices=SORTERS, default=list(SORTERS))
+    parser.add_argument("--workdir", required=False, default="ks2py_bench")
+    parser.add_argument("--n-jobs", type=int, default=os.cpu_count())
+    parser.add_argument("--warmup", action="store_true", help="sort 10 s with ks2py first (kernel compilation)")
+    parser.add_argument("--json", default=None, help="append the results to this JSON-lines file")
+    parser.add_argument("--child", choices=SORTERS, help=argparse.SUPPRESS)
+    parser.add_argument("--recording", help=argparse.SUPPRESS)
+    parser.add_argument("--gt", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    # matplotlib's font cache is built once per machine; where the home folder is not writable it would be rebuilt
+    # by every sort (seconds), which no user sees twice
+    os.environ.setdefault("MPLCONFIGDIR", str((work / "mplconfig").absolute()))
+    folders = generate_sets(args, work)
+    if args.warmup and "ks2py" in args.sorters:
+        r = run_child("ks2py", folders[args.sets[0]], folders["gt"], work / "sort_warmup", seconds=10.0)
+        if not r.get("failed"):
+            print(f"ks2py first run (kernel compilation) on 10 s: {r['wall_s']:.1f} s", flush=True)
+    for name in args.sets:
+        for sorter in args.sorters:
+            r = run_child(sorter, folders[name], folders["gt"], work / f"sort_{name}_{sorter}")
+            print(report(name, sorter, r), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"set": name, "sorter": sorter, "duration_s": args.duration,
+                                        "units": args.units, **r}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
