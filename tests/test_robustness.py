@@ -142,3 +142,63 @@ def test_int16_with_a_wrong_gain_is_a_clear_error(tmp_path, gain, message):
     with pytest.raises(ValueError, match=message):
         run(with_traces(recording, traces), tmp_path / "out", CPU, verbose=False)
     assert not (tmp_path / "out" / "cache" / "temp_wh.dat").exists()  # refused before any work
+
+
+class OutOfMemoryError(Exception):
+    """Stands in for cupy.cuda.memory.OutOfMemoryError (matched by name, as CuPy may be absent)."""
+
+
+def test_gpu_out_of_memory_names_the_param_to_lower(tmp_path, monkeypatch):
+    from si_ks2py.stages import learn
+
+    def exhausted(ctx):
+        raise OutOfMemoryError("Out of memory allocating 1,073,741,824 bytes")
+
+    recording, _ = generate_demo_recording(duration=4.0, num_channels=16, num_units=3, seed=2)
+    monkeypatch.setattr(learn, "run", exhausted)
+    with pytest.raises(MemoryError, match=r"'learn' stage.*smaller NT, e.g. NT=\d+") as caught:
+        run(recording, tmp_path / "out", CPU, verbose=False)
+    assert isinstance(caught.value.__cause__, OutOfMemoryError)
+    monkeypatch.undo()
+    again = run(recording, tmp_path / "out", CPU, verbose=False)  # the stages before it were kept
+    assert "preprocess" not in again.timings and "reorder" not in again.timings and "learn" in again.timings
+
+
+@pytest.mark.gpu
+def test_real_gpu_out_of_memory_is_re_raised_with_advice(tmp_path):
+    import cupy
+
+    recording, _ = generate_demo_recording(duration=4.0, num_channels=16, num_units=3, seed=2)
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    pool.set_limit(size=8 * 2 ** 20)  # 8 MiB: less than one batch
+    try:
+        with pytest.raises(MemoryError, match=r"smaller NT"):
+            run(recording, tmp_path / "out", {"device": "cuda", "progress": False}, verbose=False)
+    finally:
+        pool.set_limit(size=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_detector_finds_more_spikes_per_batch_than_kilosorts_cap(device):
+    """mexThSpkPC kept at most 10000 spikes per batch (MouseLand/Kilosort#394): no cap here. The spikes are
+    large (projection norm 46): a float32 peak test lost every spike above 32."""
+    from si_ks2py.backend import get_ops
+
+    ops = get_ops(device)
+
+    nt0, n_chan, spacing, period = 61, 384, 16, 70
+    waveform = -np.exp(-0.5 * ((np.arange(nt0) - 20) / 3.0) ** 2)
+    wPCA = (waveform / np.linalg.norm(waveform))[:, None].astype(np.float32)
+    n = 40000
+    data = np.zeros((n, n_chan), np.float32)
+    starts = np.arange(100, n - 2 * nt0, period)
+    channels = np.arange(0, n_chan, spacing)
+    for t in starts:
+        data[t:t + nt0, channels] += 20 * waveform[:, None]
+    iC = np.clip(np.arange(n_chan)[:, None] + np.array([0, -1, 1, -2, 2, -3, 3, -4])[None], 0, n_chan - 1)
+    times, chans, _ = (ops.to_host(a) for a in ops.pc_threshold_spikes(ops.asarray(data), ops.asarray(wPCA),
+                                                                        ops.asarray(iC), threshold=5.0, nt0min=20))
+    assert len(starts) * len(channels) > 10000
+    assert len(times) == len(starts) * len(channels)
+    np.testing.assert_array_equal(np.unique(chans), channels)

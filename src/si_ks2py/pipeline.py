@@ -27,7 +27,7 @@ logger = logging.getLogger("si_ks2py")
 
 #: Cached stages in run order (export always runs). Bump a stage's version when its results change.
 STAGES = tuple(s for s in params_module.STAGES if s != "export")
-STAGE_VERSIONS = {"preprocess": 1, "reorder": 4, "learn": 3, "extract": 3, "merge": 1, "split": 3, "cutoff": 1}
+STAGE_VERSIONS = {"preprocess": 1, "reorder": 5, "learn": 3, "extract": 3, "merge": 1, "split": 3, "cutoff": 1}
 
 
 def recording_fingerprint(recording) -> str:
@@ -142,6 +142,19 @@ def run_log(output_folder: Path, verbose: bool):
             h.close()
 
 
+def is_device_out_of_memory(err: BaseException) -> bool:
+    """CuPy's OutOfMemoryError, or a CUDA library (cuBLAS, cuFFT, cuSOLVER) that could not allocate."""
+    return type(err).__name__ == "OutOfMemoryError" or "ALLOC_FAILED" in str(err)
+
+
+def out_of_memory_advice(stage: str, params, err: BaseException) -> str:
+    half = max(params.ntbuff + 2 * params.nt0, (params.NT // 2) // 32 * 32)
+    return (f"the GPU ran out of memory in the '{stage}' stage ({type(err).__name__}: {err}). GPU memory grows "
+            f"with the batch length NT (now {params.NT} samples) and the channel count: rerun with a smaller NT, "
+            f"e.g. NT={half}, or free the GPU of other work, or use device='cpu'. Finished stages are cached and "
+            "are not redone.")
+
+
 def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
     ir = ctx.intermediate
     stages = STAGES if stop_after is None else STAGES[:STAGES.index(stop_after) + 1]
@@ -153,8 +166,13 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
         module = stage_module(stage)
         ir.current_stage = stage
         t0 = time.perf_counter()
-        module.run(ctx)
-        ctx.ops.synchronize()
+        try:
+            module.run(ctx)
+            ctx.ops.synchronize()
+        except Exception as err:
+            if is_device_out_of_memory(err):
+                raise MemoryError(out_of_memory_advice(stage, ctx.params, err)) from err
+            raise
         ctx.timings[stage] = time.perf_counter() - t0
         ir.mark_stage_done(stage)
         ir.current_stage = None

@@ -112,7 +112,9 @@ def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
     at_peak = np.zeros_like(norm, dtype=bool)
     s = np.arange(n) - nt0min + 1  # window whose offset nt0min - 1 is t
     valid = (s >= 0) & (np.arange(n) <= n - nt0)
-    at_peak[valid] = (norm[valid] > wmax[s[valid]] - 1e-6) & (wmax[s[valid]] > threshold)
+    # compared in float64, as Kilosort's CUDA (a double literal): in float32 the 1e-6 vanishes for norms above 32
+    peak_of_window = norm[valid].astype(np.float64) > wmax[s[valid]].astype(np.float64) - 1e-6
+    at_peak[valid] = peak_of_window & (wmax[s[valid]] > threshold)
     t, c = np.nonzero(at_peak)
     if len(t) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, iC.shape[1], wPCA.shape[1]), np.float32)

@@ -78,7 +78,8 @@ extern "C" __global__ void window_max_above(const float* __restrict__ norm, floa
 }
 
 // flags[t, c] = 1 where the projection norm peaks (see cpu pc_threshold_spikes): with s = t - nt0min + 1 >= 0 and
-// t <= n - nt0, norm[t, c] > wmax[s, c] - 1e-6, wmax[s, c] > threshold and no neighbour channel iC[c, 1:] has a
+// t <= n - nt0, norm[t, c] > wmax[s, c] - 1e-6 (in double: in float the 1e-6 vanishes for norms above 32 and the
+// peak, equal to its window's max, would fail), wmax[s, c] > threshold and no neighbour channel iC[c, 1:] has a
 // larger wmax at s. One thread per (t, c).
 extern "C" __global__ void pc_peak_flags(const float* __restrict__ norm, const float* __restrict__ wmax,
                                          const long long* __restrict__ iC, unsigned char* __restrict__ flags,
@@ -92,7 +93,7 @@ extern "C" __global__ void pc_peak_flags(const float* __restrict__ norm, const f
     unsigned char f = 0;
     if (s >= 0 && t <= n - nt0) {
         const float win = wmax[(size_t)s * C + c];
-        if (norm[i] > __fsub_rn(win, 1e-6f) && win > threshold) {
+        if ((double)norm[i] > __dsub_rn((double)win, 1e-6) && win > threshold) {
             float neighbour = 0.0f;  // wmax >= 0
             for (int j = 1; j < n_near; j++) neighbour = fmaxf(neighbour, wmax[(size_t)s * C + iC[(size_t)c * n_near + j]]);
             f = neighbour <= win;

@@ -19,6 +19,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from scipy import signal
 from threadpoolctl import threadpool_limits
@@ -45,6 +46,34 @@ def running_mean(x: np.ndarray, sigma: float = 250.0) -> np.ndarray:
     return smooth / weight[:, None]
 
 
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def mixture_em_step(x, p, mu1, mu2, s1, s2, rs):
+    """One EM step of the 1-D two-Gaussian mixture (weights p, 1 - p): writes the responsibilities rs [n, 2] of
+    x [n] (float64) and returns the new (p, mu1, mu2, s1, s2). Compiled, and without the GIL: the clusters'
+    splits run in parallel threads."""
+    n = x.shape[0]
+    c1 = -0.5 * np.log(s1) + np.log(p)
+    c2 = -0.5 * np.log(s2) + np.log(1 - p)
+    r1_sum = r1x_sum = r2x_sum = 0.0
+    for i in range(n):
+        l1 = c1 - (x[i] - mu1) ** 2 / (2 * s1)
+        l2 = c2 - (x[i] - mu2) ** 2 / (2 * s2)
+        top = max(l1, l2)
+        e1, e2 = np.exp(l1 - top), np.exp(l2 - top)
+        rs[i, 0] = e1 / (e1 + e2)
+        rs[i, 1] = e2 / (e1 + e2)
+        r1_sum += rs[i, 0]
+        r1x_sum += rs[i, 0] * x[i]
+        r2x_sum += rs[i, 1] * x[i]
+    r2_sum = n - r1_sum
+    mu1, mu2 = r1x_sum / r1_sum, r2x_sum / r2_sum
+    v1 = v2 = 0.0
+    for i in range(n):
+        v1 += rs[i, 0] * (x[i] - mu1) ** 2
+        v2 += rs[i, 1] * (x[i] - mu2) ** 2
+    return r1_sum / n, mu1, mu2, v1 / r1_sum, v2 / r2_sum
+
+
 def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
     """50 EM iterations of a 1-D two-Gaussian mixture on clp @ w, re-estimating w on odd iterations after 10.
 
@@ -60,17 +89,9 @@ def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
     mu1, mu2 = x[upper].mean(), x[~upper].mean()
     s1, s2 = x[upper].var(ddof=1), x[~upper].var(ddof=1)
     p = upper.mean()
+    rs = np.empty((n, 2))
     for k in range(1, 51):
-        logp = np.column_stack([-0.5 * np.log(s1) - (x - mu1) ** 2 / (2 * s1) + np.log(p),
-                                -0.5 * np.log(s2) - (x - mu2) ** 2 / (2 * s2) + np.log(1 - p)])
-        logp -= logp.max(axis=1, keepdims=True)
-        rs = np.exp(logp)
-        rs /= rs.sum(axis=1, keepdims=True)
-        p = rs[:, 0].mean()
-        mu1 = rs[:, 0] @ x / rs[:, 0].sum()
-        mu2 = rs[:, 1] @ x / rs[:, 1].sum()
-        s1 = rs[:, 0] @ (x - mu1) ** 2 / rs[:, 0].sum()
-        s2 = rs[:, 1] @ (x - mu2) ** 2 / rs[:, 1].sum()
+        p, mu1, mu2, s1, s2 = mixture_em_step(x, p, mu1, mu2, s1, s2, rs)
         if k > 10 and k % 2 == 1:
             weight = rs[:, 0] / s1 + rs[:, 1] / s2
             StS = clp.T @ (clp * weight[:, None]) / n
