@@ -150,6 +150,7 @@ def child(args):
     t = time.perf_counter()
     result = (sort_ks2py if args.child == "ks2py" else sort_kilosort4)(recording, folder)
     wall = time.perf_counter() - t
+    result["stages_s"].setdefault("other", wall - sum(result["stages_s"].values()))  # e.g. the wrapper's copy
     duration = recording.get_num_samples() / recording.sampling_frequency
     result.update(wall_s=wall, duration_s=duration, x_realtime=duration / wall,
                   host_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
