@@ -8,7 +8,7 @@ from spikeinterface.core import NumpySorting
 import si_ks2py
 from si_ks2py.context import Intermediate
 from si_ks2py.demo import generate_demo_recording, score, summary
-from si_ks2py.pipeline import run, stage_fingerprints
+from si_ks2py.pipeline import run
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,6 @@
 """Merges, splits, cutoff and their correlogram scores, on constructed spike trains and features."""
 
 import numpy as np
-import pytest
 
 from si_ks2py.correlograms import correlogram, refractoriness
 from si_ks2py.stages.cutoff import set_cutoff

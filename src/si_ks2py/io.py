@@ -129,7 +129,7 @@ def whitened_fits_in_memory(n_bytes: int) -> bool:
 def open_whitened(ctx) -> WhitenedData:
     """The whitened data of this run: the copy preprocessing kept in memory, or else its file in the cache."""
     ir = ctx.intermediate
-    source = ctx.whitened if ctx.get("whitened") is not None else ir.file_path("temp_wh.dat")
+    source = ctx.whitened if ctx.whitened is not None else ir.file_path("temp_wh.dat")
     return WhitenedData(source, ctx.params.n_samples, len(ir.chanMap), ctx.params.scaleproc)
 
 

@@ -3,7 +3,7 @@
 Per chunk of the recording: channel selection, per-channel mean removal, common median reference, 3rd-order
 Butterworth high-pass (or band-pass with ``fslow``) applied forward then backward with zero initial state, the
 local whitening matrix ``Wrot`` (already times ``scaleproc``), rounding with saturation to int16. The recording is
-streamed: host memory does not depend on its length.
+streamed; only the in-memory copy of the whitened data below grows with its length.
 
 Outputs: ``igood`` (bool per probe channel), ``chanMap``, ``xc``, ``yc``, ``kcoords`` of the kept channels,
 ``Wrot`` [Nchan, Nchan] float64, and the file ``temp_wh.dat`` (int16 [n_samples, Nchan], see io.py). When it fits
