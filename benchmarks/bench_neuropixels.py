@@ -136,6 +136,23 @@ def read_sorted(sorter: str, folder: Path):
     return read_sorter_folder(folder)
 
 
+def profiled(sort, recording, folder: Path, path: Path) -> dict:
+    """Run ``sort`` under cProfile (main thread only) and write the 60 costliest calls, by total time and by time
+    with callees, to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    result = profile.runcall(sort, recording, folder)
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text).strip_dirs()
+    stats.sort_stats("tottime").print_stats(60)
+    stats.sort_stats("cumulative").print_stats(60)
+    path.write_text(text.getvalue())
+    return result
+
+
 def child(args):
     """One sort in this process; prints its result as one JSON line."""
     import spikeinterface.core as sc
@@ -147,8 +164,12 @@ def child(args):
         recording = recording.frame_slice(0, int(args.seconds * recording.sampling_frequency))
     folder = Path(args.folder)
     shutil.rmtree(folder, ignore_errors=True)
+    sort = sort_ks2py if args.child == "ks2py" else sort_kilosort4
     t = time.perf_counter()
-    result = (sort_ks2py if args.child == "ks2py" else sort_kilosort4)(recording, folder)
+    if args.profile:
+        result = profiled(sort, recording, folder, Path(args.profile))
+    else:
+        result = sort(recording, folder)
     wall = time.perf_counter() - t
     result["stages_s"].setdefault("other", wall - sum(result["stages_s"].values()))  # e.g. the wrapper's copy
     duration = recording.get_num_samples() / recording.sampling_frequency
@@ -159,9 +180,12 @@ def child(args):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(sorter: str, recording: Path, gt: Path, folder: Path, seconds: float = 0.0) -> dict:
+def run_child(sorter: str, recording: Path, gt: Path, folder: Path, seconds: float = 0.0,
+              profile: Path | None = None) -> dict:
     command = [sys.executable, __file__, "--child", sorter, "--recording", str(recording), "--gt", str(gt),
                "--folder", str(folder), "--seconds", str(seconds)]
+    if profile is not None:
+        command += ["--profile", str(profile)]
     with GpuMemorySampler() as memory:
         done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -196,6 +220,8 @@ def main(argv=None):
     parser.add_argument("--n-jobs", type=int, default=os.cpu_count())
     parser.add_argument("--warmup", action="store_true", help="sort 10 s with ks2py first (kernel compilation)")
     parser.add_argument("--json", default=None, help="append the results to this JSON-lines file")
+    parser.add_argument("--profile", default=None,
+                        help="folder for a cProfile summary of each sort (main thread), profile_<set>_<sorter>.txt")
     parser.add_argument("--child", choices=SORTERS, help=argparse.SUPPRESS)
     parser.add_argument("--recording", help=argparse.SUPPRESS)
     parser.add_argument("--gt", help=argparse.SUPPRESS)
@@ -217,7 +243,8 @@ def main(argv=None):
             print(f"ks2py first run (kernel compilation) on 10 s: {r['wall_s']:.1f} s", flush=True)
     for name in args.sets:
         for sorter in args.sorters:
-            r = run_child(sorter, folders[name], folders["gt"], work / f"sort_{name}_{sorter}")
+            profile = None if args.profile is None else Path(args.profile) / f"profile_{name}_{sorter}.txt"
+            r = run_child(sorter, folders[name], folders["gt"], work / f"sort_{name}_{sorter}", profile=profile)
             print(report(name, sorter, r), flush=True)
             if args.json:
                 with open(args.json, "a") as f:

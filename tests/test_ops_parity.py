@@ -414,3 +414,47 @@ def test_pipeline_on_the_gpu_matches_the_cpu(tmp_path):
     assert ctx.ops.name == "cuda"
     assert abs(results["cuda"][0] - results["cpu"][0]) <= 0.02 * results["cpu"][0]
     assert results["cuda"][1] == results["cpu"][1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# splits: running mean and EM step in float64 (rtol 1e-9: only the order of the sums and libm's exp/log differ),
+# and a whole pursuit on a bimodal cluster large enough to go to the GPU: the same split.
+
+
+def test_running_mean(gpu):
+    x = np.random.default_rng(20).normal(size=(5000, 12)).cumsum(axis=0)
+    for n in (5000, 700):  # longer and shorter than the +-1000-spike kernel
+        np.testing.assert_allclose(gpu.to_host(gpu.running_mean(gpu.asarray(x[:n]), 250.0)),
+                                   cpu.running_mean(x[:n], 250.0), rtol=1e-9, atol=1e-9 * np.abs(x).max())
+
+
+def test_mixture_em_step(gpu):
+    rng = np.random.default_rng(21)
+    x = np.concatenate([rng.normal(-2, 1, 3000), rng.normal(3, 0.5, 1000)])
+    params = np.array([0.5, 1.0, -1.0, 2.0, 2.0])
+    rs_cpu, rs_gpu = np.empty((len(x), 2)), gpu.xp.empty((len(x), 2))
+    for _ in range(5):
+        new_cpu = cpu.mixture_em_step(x, params, rs_cpu)
+        new_gpu = gpu.to_host(gpu.mixture_em_step(gpu.asarray(x), gpu.asarray(params), rs_gpu))
+        np.testing.assert_allclose(new_gpu, new_cpu, rtol=1e-9)
+        np.testing.assert_allclose(gpu.to_host(rs_gpu), rs_cpu, rtol=1e-9, atol=1e-12)
+        params = new_cpu
+
+
+def test_split_pursuit_on_gpu_matches_host(gpu):
+    from si_ks2py.stages.split import DEVICE_SPIKES, try_split
+
+    rng = np.random.default_rng(22)
+    n, d = DEVICE_SPIKES[0] + 4000, 12
+    labels = rng.random(n) < 0.4
+    clp0 = rng.normal(size=(n, d)) + np.where(labels[:, None], 8.0, 0.0) * np.eye(d)[1]
+    times = np.sort(rng.uniform(0, 300, n))
+    wPCA = np.linalg.qr(rng.normal(size=(61, 3)))[0]
+    for from_mean in (False, True):
+        on_host = try_split(cpu, clp0, times, wPCA, from_mean, 0.9)
+        on_gpu = try_split(gpu, clp0, times, wPCA, from_mean, 0.9)
+        assert (on_host is None) == (on_gpu is None)
+        if on_host is not None:
+            np.testing.assert_array_equal(on_gpu[0], on_host[0])
+            np.testing.assert_allclose(on_gpu[1], on_host[1], rtol=1e-9)
+    assert on_host is not None and min(np.mean(on_host[0] == labels), np.mean(on_host[0] != labels)) < 0.01

@@ -104,3 +104,25 @@ def test_split_of_a_degenerate_cluster_is_skipped_not_a_crash():
                              np.zeros((1, 4), int), np.zeros((1, 4), int), np.arange(1), iC, np.zeros(1, int), wPCA,
                              FS, 0.9, from_mean=True)
     assert out[-1] == 0 and np.all(out[0][:, 1] == 0)
+
+
+def test_parallel_split_gives_the_ids_of_the_sequential_loop():
+    """Three units merged in one cluster and one unit alone: splits in parallel threads number the pieces as the
+    sequential loop does."""
+    rng = np.random.default_rng(6)
+    nt0, n_near, n_pcs = 61, 4, 3
+    wPCA = np.linalg.qr(rng.normal(size=(nt0, n_pcs)))[0]
+    trains = [refractory_train(rng, 12) for _ in range(4)]
+    st3 = spike_table([np.concatenate(trains[:3]), trains[3]])
+    unit = np.select([np.isin(st3[:, 0], np.round(t * FS)) for t in trains], range(4))
+    centres = np.zeros((4, n_pcs, n_near))
+    centres[0, 0, 0], centres[1, 0, 1], centres[2, 0, 2], centres[3, 0, 3] = 30, 25, 20, 30
+    features = (centres[unit] + rng.normal(size=(len(st3), n_pcs, n_near))).astype(np.float32)
+    iC = np.tile(np.arange(n_near), (n_near, 1))
+    args = (features, st3, np.zeros((2, nt0, n_near)), np.zeros((2, nt0, 3)), np.eye(2), np.zeros((2, 4), int),
+            np.zeros((2, 4), int), np.arange(2), iC, np.zeros(2, int), wPCA, FS, 0.9)
+    sequential = split_all_clusters(*args, from_mean=False, n_workers=1)
+    parallel = split_all_clusters(*args, from_mean=False, n_workers=4)
+    assert sequential[-1] == 2  # the merged cluster gave two new pieces
+    np.testing.assert_array_equal(parallel[0], sequential[0])
+    np.testing.assert_array_equal(parallel[1], sequential[1])

@@ -50,8 +50,9 @@ def test_killed_sort_resumes_to_the_same_result(saved, tmp_path, point):
     if point == "writing temp_wh.dat":
         killed = kill_when(process, lambda: (out / "cache" / ".temp_wh.dat.part").exists())
     else:
-        stage = point.split()[0]
-        killed = kill_when(process, lambda: log.exists() and f"{stage:<10} done" in log.read_text())
+        stage = point.split()[0]  # killed once the stage and the whitened file (written in the background) are done
+        killed = kill_when(process, lambda: log.exists() and f"{stage:<10} done" in log.read_text()
+                           and "temp_wh.dat written" in log.read_text())
     assert killed, f"the sort ended before {point}"
     ctx = run(recording, out, PARAMS, verbose=False)
     if point != "writing temp_wh.dat":  # the stages finished before the kill are not run again

@@ -12,11 +12,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger("si_ks2py")
 
 
 class Bunch(dict):
@@ -64,13 +69,15 @@ class Intermediate:
     the stage whose outputs are being written. Arrays kept in memory (``keep``) are not written to disk.
     """
 
-    _own = ("folder", "stage_fingerprints", "current_stage", "_memory", "_manifest")
+    _own = ("folder", "stage_fingerprints", "current_stage", "_memory", "_manifest", "_lock", "_background")
 
     def __init__(self, folder, stage_fingerprints: dict[str, str]):
         object.__setattr__(self, "folder", Path(folder))
         object.__setattr__(self, "stage_fingerprints", dict(stage_fingerprints))
         object.__setattr__(self, "current_stage", None)
         object.__setattr__(self, "_memory", {})
+        object.__setattr__(self, "_lock", threading.Lock())  # background file writes record themselves too
+        object.__setattr__(self, "_background", [])
         self.folder.mkdir(parents=True, exist_ok=True)
         manifest = {"arrays": {}, "files": {}, "stages": {}}
         path = self.folder / "manifest.json"
@@ -82,26 +89,30 @@ class Intermediate:
         object.__setattr__(self, "_manifest", manifest)
 
     # --- bookkeeping -------------------------------------------------------------------------------------
-    def _save_manifest(self):
-        text = json.dumps(self._manifest, indent=1, sort_keys=True).encode()
-        _atomic_write(self.folder / "manifest.json", lambda f: f.write(text))
+    def _update_manifest(self, kind: str, name: str, value):
+        """Set (or with value None, drop) one manifest entry and save the manifest atomically."""
+        with self._lock:
+            if value is None:
+                self._manifest[kind].pop(name, None)
+            else:
+                self._manifest[kind][name] = value
+            text = json.dumps(self._manifest, indent=1, sort_keys=True).encode()
+            _atomic_write(self.folder / "manifest.json", lambda f: f.write(text))
 
     def _entry_is_valid(self, entry) -> bool:
         return entry is not None and self.stage_fingerprints.get(entry["stage"]) == entry["fingerprint"]
 
-    def _record(self, kind: str, name: str):
-        stage = self.current_stage
+    def _record(self, kind: str, name: str, stage: str | None = None):
+        stage = stage or self.current_stage
         if stage is None:
             raise RuntimeError(f"intermediate '{name}' written outside a stage")
-        self._manifest[kind][name] = {"stage": stage, "fingerprint": self.stage_fingerprints[stage]}
-        self._save_manifest()
+        self._update_manifest(kind, name, {"stage": stage, "fingerprint": self.stage_fingerprints[stage]})
 
     def stage_is_done(self, stage: str) -> bool:
         return self._manifest["stages"].get(stage) == self.stage_fingerprints[stage]
 
     def mark_stage_done(self, stage: str):
-        self._manifest["stages"][stage] = self.stage_fingerprints[stage]
-        self._save_manifest()
+        self._update_manifest("stages", stage, self.stage_fingerprints[stage])
 
     def has(self, name: str) -> bool:
         if name in self._memory:
@@ -154,11 +165,12 @@ class Intermediate:
             return False
 
     @contextlib.contextmanager
-    def write_file(self, name: str):
-        """Yield a temporary path to write; on success it is renamed to ``name`` and recorded."""
+    def write_file(self, name: str, stage: str | None = None):
+        """Yield a temporary path to write; on success it is renamed to ``name`` and recorded (for ``stage``, by
+        default the current one)."""
         final = self.folder / name
         tmp = self.folder / f".{name}.part"
-        self._manifest["files"].pop(name, None)
+        self._update_manifest("files", name, None)
         try:
             yield tmp
             os.replace(tmp, final)
@@ -166,14 +178,33 @@ class Intermediate:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        self._record("files", name)
+        self._record("files", name, stage)
+        logger.info("%s written", name)
+
+    def write_file_in_background(self, name: str, write):
+        """Like write_file, with ``write(file_object)`` run by a background thread: the file is recorded (and so
+        only read back by a later run) once it is complete. ``wait_for_files`` waits for it."""
+        stage = self.current_stage
+
+        def job():
+            with self.write_file(name, stage) as tmp, open(tmp, "wb") as f:
+                write(f)
+
+        self._update_manifest("files", name, None)
+        executor = ThreadPoolExecutor(max_workers=1)
+        self._background.append(executor.submit(job))
+        executor.shutdown(wait=False)
+
+    def wait_for_files(self):
+        """Wait for the background writes (and raise their errors)."""
+        while self._background:
+            self._background.pop(0).result()
 
     def forget_file(self, name: str):
         """Delete a cached file (e.g. delete_tmp_files) and the record of it."""
         with contextlib.suppress(FileNotFoundError):
             (self.folder / name).unlink()
-        self._manifest["files"].pop(name, None)
-        self._save_manifest()
+        self._update_manifest("files", name, None)
 
 
 class Context(Bunch):

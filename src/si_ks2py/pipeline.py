@@ -27,7 +27,7 @@ logger = logging.getLogger("si_ks2py")
 
 #: Cached stages in run order (export always runs). Bump a stage's version when its results change.
 STAGES = tuple(s for s in params_module.STAGES if s != "export")
-STAGE_VERSIONS = {"preprocess": 1, "reorder": 5, "learn": 3, "extract": 3, "merge": 1, "split": 3, "cutoff": 1}
+STAGE_VERSIONS = {"preprocess": 2, "reorder": 5, "learn": 3, "extract": 3, "merge": 1, "split": 4, "cutoff": 1}
 
 
 def recording_fingerprint(recording) -> str:
@@ -159,25 +159,33 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
     ir = ctx.intermediate
     stages = STAGES if stop_after is None else STAGES[:STAGES.index(stop_after) + 1]
     to_run = stages_to_run(ctx, stages)
-    for stage in stages:
-        if stage not in to_run:
-            logger.info("%-10s cached, skipped", stage)
-            continue
-        module = stage_module(stage)
-        ir.current_stage = stage
-        t0 = time.perf_counter()
-        try:
-            module.run(ctx)
-            ctx.ops.synchronize()
-        except Exception as err:
-            if is_device_out_of_memory(err):
-                raise MemoryError(out_of_memory_advice(stage, ctx.params, err)) from err
-            raise
-        ctx.timings[stage] = time.perf_counter() - t0
-        ir.mark_stage_done(stage)
-        ir.current_stage = None
-        logger.info("%-10s done in %.2f s", stage, ctx.timings[stage])
+    try:
+        for stage in stages:
+            if stage not in to_run:
+                logger.info("%-10s cached, skipped", stage)
+                continue
+            run_stage(ctx, stage)
+    finally:
+        ir.wait_for_files()  # e.g. the whitened file, written while the later stages ran
     return ctx
+
+
+def run_stage(ctx: Context, stage: str):
+    ir = ctx.intermediate
+    module = stage_module(stage)
+    ir.current_stage = stage
+    t0 = time.perf_counter()
+    try:
+        module.run(ctx)
+        ctx.ops.synchronize()
+    except Exception as err:
+        if is_device_out_of_memory(err):
+            raise MemoryError(out_of_memory_advice(stage, ctx.params, err)) from err
+        raise
+    ctx.timings[stage] = time.perf_counter() - t0
+    ir.mark_stage_done(stage)
+    ir.current_stage = None
+    logger.info("%-10s done in %.2f s", stage, ctx.timings[stage])
 
 
 def run(recording, output_folder, params: dict | None = None, verbose: bool = True, stop_after: str | None = None):

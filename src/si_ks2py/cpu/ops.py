@@ -5,6 +5,9 @@ Arrays are C-ordered; a batch of traces is [n_samples, n_channels] (time rows).
 
 from __future__ import annotations
 
+import contextlib
+
+import numba
 import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage, signal
@@ -21,6 +24,11 @@ def staged(a):
     """A copy of a host array (on the GPU, in page-locked memory for a fast transfer; here it forces a read-ahead
     thread to read the pages of a memory-mapped file)."""
     return np.array(a)
+
+
+def empty_staged(shape, dtype):
+    """An uninitialised host array to read into (on the GPU, page-locked)."""
+    return np.empty(shape, dtype)
 
 
 def to_host(a):
@@ -298,3 +306,59 @@ def pc_features(residual, st, ids, y, W, U, channels, wPCA):
         win = residual[st[a:b, None, None] + np.arange(nt0)[None, :, None], channels[ids[a:b]][:, None, :]]
         out[a:b] = np.einsum("stj,tp->spj", win, wPCA) + y[a:b, None, None] * own[ids[a:b]]
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# splits
+
+
+def running_mean(x, sigma: float):
+    """my_conv2.m along axis 0: Gaussian smoothing (+-4 sigma) renormalised at the edges (FFT convolution).
+
+    x: [n, d] float64. Returns [n, d] float64.
+    """
+    radius = int(4 * sigma + 0.5)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    smooth = signal.fftconvolve(x, kernel[:, None], mode="same", axes=0)
+    weight = signal.fftconvolve(np.ones(len(x)), kernel, mode="same")
+    return smooth / weight[:, None]
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _mixture_em_step(x, p, mu1, mu2, s1, s2, rs):
+    n = x.shape[0]
+    c1 = -0.5 * np.log(s1) + np.log(p)
+    c2 = -0.5 * np.log(s2) + np.log(1 - p)
+    r1_sum = r1x_sum = r2x_sum = 0.0
+    for i in range(n):
+        l1 = c1 - (x[i] - mu1) ** 2 / (2 * s1)
+        l2 = c2 - (x[i] - mu2) ** 2 / (2 * s2)
+        top = max(l1, l2)
+        e1, e2 = np.exp(l1 - top), np.exp(l2 - top)
+        rs[i, 0] = e1 / (e1 + e2)
+        rs[i, 1] = e2 / (e1 + e2)
+        r1_sum += rs[i, 0]
+        r1x_sum += rs[i, 0] * x[i]
+        r2x_sum += rs[i, 1] * x[i]
+    r2_sum = n - r1_sum
+    mu1, mu2 = r1x_sum / r1_sum, r2x_sum / r2_sum
+    v1 = v2 = 0.0
+    for i in range(n):
+        v1 += rs[i, 0] * (x[i] - mu1) ** 2
+        v2 += rs[i, 1] * (x[i] - mu2) ** 2
+    return r1_sum / n, mu1, mu2, v1 / r1_sum, v2 / r2_sum
+
+
+def mixture_em_step(x, params, rs):
+    """One EM step of the 1-D two-Gaussian mixture with weights p, 1 - p (compiled, without the GIL: clusters
+    are split in parallel threads).
+
+    x: [n] float64; params: [5] float64 (p, mu1, mu2, s1, s2); rs: [n, 2] float64, overwritten with the
+    responsibilities. Returns the new params [5] float64.
+    """
+    return np.array(_mixture_em_step(x, *(float(v) for v in params), rs))
+
+
+def split_stream():
+    """Context for one thread's split work on the device (here nothing)."""
+    return contextlib.nullcontext()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import binary_source
 from ..templates import dense_templates
 
 logger = logging.getLogger("si_ks2py")
@@ -26,17 +27,6 @@ PHY_FILES = ("spike_times.npy", "spike_templates.npy", "spike_clusters.npy", "am
              "similar_templates.npy", "pc_features.npy", "pc_feature_ind.npy", "template_features.npy",
              "template_feature_ind.npy", "whitening_mat.npy", "whitening_mat_inv.npy", "params.py",
              "cluster_KSLabel.tsv", "cluster_ContamPct.tsv", "cluster_Amplitude.tsv")
-
-
-def binary_source(recording):
-    """(path, dtype, offset) of the recording's own file when Phy can read it directly, else None."""
-    try:
-        if recording.binary_compatible_with(time_axis=0, file_paths_length=1, file_offset=None):
-            d = recording.get_binary_description()
-            return Path(d["file_paths"][0]).absolute(), np.dtype(d["dtype"]).name, int(d["file_offset"])
-    except Exception:  # recordings without a binary description
-        pass
-    return None
 
 
 def cluster_amplitudes(templates, whitening_inv, template_of_spike, amplitudes, n_templates, gain):

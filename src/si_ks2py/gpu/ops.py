@@ -17,6 +17,7 @@ from importlib import resources
 import cupy as cp
 import cupyx
 import numpy as np
+from scipy import fft as sfft
 
 xp = cp
 name = "cuda"
@@ -78,6 +79,14 @@ def staged(a):
     return out
 
 
+def empty_staged(shape, dtype):
+    """An uninitialised host array to read into, page-locked when its size gains from it (see staged)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if not _PINNED_RANGE[0] <= nbytes <= _PINNED_RANGE[1]:
+        return np.empty(shape, dtype)
+    return cupyx.empty_pinned(shape, dtype)
+
+
 def to_host(a):
     """The array on the host; mid-sized ones through page-locked memory (several times faster)."""
     if not isinstance(a, cp.ndarray) or not _PINNED_RANGE[0] <= a.nbytes <= _PINNED_RANGE[1]:
@@ -91,8 +100,27 @@ def synchronize():
     cp.cuda.get_current_stream().synchronize()
 
 
+_IIR_SEGMENT = 256  # samples per segment of the block-parallel IIR filter
+
+
+@functools.lru_cache(maxsize=16)
+def _zero_input_response(b: tuple, a: tuple, L: int):
+    """(h [order, L], Phi [order, order]) on the device, float64: the output and the final state of the direct
+    form II transposed recursion run for L steps with zero input from each unit state (see preprocess.cu)."""
+    order = len(a) - 1
+    feedback = np.asarray(a[1:], dtype=np.float64)
+    h, phi = np.zeros((order, L)), np.zeros((order, order))
+    for k in range(order):
+        z = np.eye(order)[k]
+        for t in range(L):
+            h[k, t] = z[0]
+            z = np.append(z[1:], 0.0) - feedback * z[0]
+        phi[:, k] = z
+    return cp.asarray(h), cp.asarray(phi)
+
+
 def filtfilt_zero_state(x, b, a):
-    """See si_ks2py.cpu.ops.filtfilt_zero_state."""
+    """See si_ks2py.cpu.ops.filtfilt_zero_state (here block-parallel over time, see preprocess.cu)."""
     x = cp.ascontiguousarray(x, dtype=cp.float32)
     b = np.asarray(b, dtype=np.float64)
     a = np.asarray(a, dtype=np.float64)
@@ -102,9 +130,21 @@ def filtfilt_zero_state(x, b, a):
         raise ValueError("filtfilt_zero_state needs b and a of equal length between 2 and 7")
     n, C = x.shape
     y = cp.empty_like(x)
-    _kernel("preprocess", "filtfilt_zero_state")(  # 32 channels per block: the few threads spread over SMs
-        _blocks(C, 32), (32,), (x, y, cp.asarray(b), cp.asarray(a), np.int32(order), np.int32(n), np.int32(C))
-    )
+    if y.size == 0:
+        return y
+    L = _IIR_SEGMENT
+    n_seg = (n + L - 1) // L
+    h, phi = _zero_input_response(tuple(b), tuple(a), L)
+    b_d, a_d = cp.asarray(b), cp.asarray(a)
+    z_end = cp.empty((n_seg, C, order), dtype=cp.float64)
+    z_start = cp.empty_like(z_end)
+    source = x
+    for backward in (0, 1):
+        args = (_i32(order), _i32(n), _i32(C), _i32(L), _i32(backward))
+        _launch("preprocess", "iir_segments", _blocks(n_seg * C, 256), (256,), (source, y, b_d, a_d, z_end) + args)
+        _launch("preprocess", "iir_carry", _blocks(C, 64), (64,), (z_end, phi, z_start, *args[:1], _i32(n_seg), _i32(C)))
+        _launch("preprocess", "iir_correct", _blocks(n * C, 256), (256,), (y, z_start, h) + args)
+        source = y
     return y
 
 
@@ -342,3 +382,35 @@ def pc_features(residual, st, ids, y, W, U, channels, wPCA):
     _launch("pursuit", "pc_features", _blocks(S * J, 128), (128,),
             (residual, st, ids, y, channels, wPCA, own, out, _i32(S), _i32(nt0), _i32(C), _i32(P), _i32(J)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# splits
+
+_SPLIT_THREADS = 512  # SPLIT_THREADS in split.cu
+
+
+def running_mean(x, sigma: float):
+    """See si_ks2py.cpu.ops.running_mean (the same FFT convolution, by cuFFT)."""
+    x = cp.asarray(x, dtype=cp.float64)
+    n = x.shape[0]
+    radius = int(4 * sigma + 0.5)
+    kernel = cp.exp(-0.5 * (cp.arange(-radius, radius + 1, dtype=cp.float64) / sigma) ** 2)
+    size = sfft.next_fast_len(n + 2 * radius, real=True)
+    spectrum = cp.fft.rfft(kernel, size)
+    smooth = cp.fft.irfft(cp.fft.rfft(x, size, axis=0) * spectrum[:, None], size, axis=0)[radius:radius + n]
+    weight = cp.fft.irfft(cp.fft.rfft(cp.ones(n), size) * spectrum, size)[radius:radius + n]
+    return smooth / weight[:, None]
+
+
+def mixture_em_step(x, params, rs):
+    """See si_ks2py.cpu.ops.mixture_em_step (one block, sums in a fixed order)."""
+    out = cp.empty(5, dtype=cp.float64)
+    _launch("split", "mixture_em_step", (1,), (_SPLIT_THREADS,),
+            (x, cp.ascontiguousarray(params, dtype=cp.float64), rs, out, np.int64(x.shape[0])))
+    return out
+
+
+def split_stream():
+    """Context for one thread's split work: its own CUDA stream, so that threads do not wait for each other."""
+    return cp.cuda.Stream(non_blocking=True)

@@ -1,64 +1,89 @@
 // Kernels of the preprocessing stage. Arrays are C-ordered; a batch of traces is x[t * C + c] (time rows).
 
-// Forward then backward IIR filter along time with zero initial state (gpufilter.m), one thread per channel.
-// Direct form II transposed in double precision; b, a hold (ORDER + 1) coefficients with a[0] == 1. The
-// recursion is sequential in time and there are few threads (one per channel), so each thread loads TILE samples
-// ahead into registers: the loads of a tile are in flight together instead of one memory latency per sample.
+// IIR filtering along time with zero initial state (one pass of gpufilter.m's filtfilt), block-parallel over time.
+// Direct form II transposed in double precision; b, a hold (order + 1) coefficients with a[0] == 1. The recursion
+// is linear in its state z, so the samples are cut into segments of L: iir_segments filters every (segment,
+// channel) from a zero state in parallel, iir_carry runs the true state across the segments of each channel
+// (z_start[j] = z_end0[j-1] + Phi z_start[j-1], Phi the state after L zero-input steps), and iir_correct adds the
+// zero-input response to that state, y[t] += sum_k z_start[j][k] h_k(t - jL). A backward pass runs on reversed
+// time (segments counted from the end). Arrays: x, y [n, C] float32; z_end, z_start [n_seg, C, order] double;
+// h [order, L] and phi [order, order] double (Phi[i][k]: state i after L steps from the unit state k).
 template <int ORDER>
-__device__ void iir_pass(const float* x, float* y, const double* bb, const double* aa,
-                         const int n, const int C, const int c, const bool backward)
+__device__ void iir_segment(const float* x, float* y, const double* b, const double* a, double* z_end,
+                            const int n, const int C, const int L, const int seg, const int c, const bool backward)
 {
-    constexpr int TILE = 64;
-    double z[ORDER + 1];
+    double bb[ORDER + 1], aa[ORDER + 1], z[ORDER];
 #pragma unroll
-    for (int k = 0; k <= ORDER; k++) z[k] = 0.0;
-    for (int t0 = 0; t0 < n; t0 += TILE) {
-        float xs[TILE];
+    for (int k = 0; k <= ORDER; k++) { bb[k] = b[k]; aa[k] = a[k]; }
 #pragma unroll
-        for (int j = 0; j < TILE; j++) {
-            const int s = t0 + j;
-            const int t = backward ? n - 1 - s : s;
-            xs[j] = s < n ? x[(size_t)t * C + c] : 0.0f;
-        }
+    for (int k = 0; k < ORDER; k++) z[k] = 0.0;
+    const int s1 = min(n, (seg + 1) * L);
+    for (int s = seg * L; s < s1; s++) {
+        const size_t i = (size_t)(backward ? n - 1 - s : s) * C + c;
+        const double xt = x[i];
+        const double yt = bb[0] * xt + z[0];
 #pragma unroll
-        for (int j = 0; j < TILE; j++) {
-            const int s = t0 + j;
-            if (s >= n) break;
-            const double xt = xs[j];
-            const double yt = bb[0] * xt + z[0];
+        for (int k = 0; k < ORDER - 1; k++) z[k] = bb[k + 1] * xt + z[k + 1] - aa[k + 1] * yt;
+        z[ORDER - 1] = bb[ORDER] * xt - aa[ORDER] * yt;
+        y[i] = (float)yt;  // in place is safe: sample i is read before it is written, by this thread only
+    }
 #pragma unroll
-            for (int k = 0; k < ORDER - 1; k++) z[k] = bb[k + 1] * xt + z[k + 1] - aa[k + 1] * yt;
-            z[ORDER - 1] = bb[ORDER] * xt - aa[ORDER] * yt;
-            y[(size_t)(backward ? n - 1 - s : s) * C + c] = (float)yt;
-        }
+    for (int k = 0; k < ORDER; k++) z_end[((size_t)seg * C + c) * ORDER + k] = z[k];
+}
+
+extern "C" __global__ void iir_segments(const float* x, float* y, const double* __restrict__ b,
+                                        const double* __restrict__ a, double* __restrict__ z_end, const int order,
+                                        const int n, const int C, const int L, const int backward)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // channel fastest: coalesced rows
+    const int n_seg = (n + L - 1) / L;
+    if (i >= (long long)n_seg * C) return;
+    const int c = (int)(i % C), seg = (int)(i / C);
+    switch (order) {
+        case 1: iir_segment<1>(x, y, b, a, z_end, n, C, L, seg, c, backward); break;
+        case 2: iir_segment<2>(x, y, b, a, z_end, n, C, L, seg, c, backward); break;
+        case 3: iir_segment<3>(x, y, b, a, z_end, n, C, L, seg, c, backward); break;
+        case 4: iir_segment<4>(x, y, b, a, z_end, n, C, L, seg, c, backward); break;
+        case 5: iir_segment<5>(x, y, b, a, z_end, n, C, L, seg, c, backward); break;
+        case 6: iir_segment<6>(x, y, b, a, z_end, n, C, L, seg, c, backward); break;
     }
 }
 
-template <int ORDER>
-__device__ void filtfilt_channel(const float* x, float* y, const double* b, const double* a, const int n,
-                                 const int C, const int c)
-{
-    double bb[ORDER + 1], aa[ORDER + 1];
-#pragma unroll
-    for (int k = 0; k <= ORDER; k++) { bb[k] = b[k]; aa[k] = a[k]; }
-    iir_pass<ORDER>(x, y, bb, aa, n, C, c, false);
-    iir_pass<ORDER>(y, y, bb, aa, n, C, c, true);  // in place: each sample is read before it is written
-}
-
-extern "C" __global__ void filtfilt_zero_state(const float* __restrict__ x, float* __restrict__ y,
-                                               const double* __restrict__ b, const double* __restrict__ a,
-                                               const int order, const int n, const int C)
+extern "C" __global__ void iir_carry(const double* __restrict__ z_end, const double* __restrict__ phi,
+                                     double* __restrict__ z_start, const int order, const int n_seg, const int C)
 {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    switch (order) {
-        case 1: filtfilt_channel<1>(x, y, b, a, n, C, c); break;
-        case 2: filtfilt_channel<2>(x, y, b, a, n, C, c); break;
-        case 3: filtfilt_channel<3>(x, y, b, a, n, C, c); break;
-        case 4: filtfilt_channel<4>(x, y, b, a, n, C, c); break;
-        case 5: filtfilt_channel<5>(x, y, b, a, n, C, c); break;
-        case 6: filtfilt_channel<6>(x, y, b, a, n, C, c); break;
+    double z[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    for (int seg = 0; seg < n_seg; seg++) {
+        double* out = z_start + ((size_t)seg * C + c) * order;
+        for (int k = 0; k < order; k++) out[k] = z[k];
+        if (seg + 1 == n_seg) break;
+        const double* end0 = z_end + ((size_t)seg * C + c) * order;
+        double next[6];
+        for (int i = 0; i < order; i++) {
+            double v = end0[i];
+            for (int k = 0; k < order; k++) v += phi[i * order + k] * z[k];
+            next[i] = v;
+        }
+        for (int k = 0; k < order; k++) z[k] = next[k];
     }
+}
+
+extern "C" __global__ void iir_correct(float* __restrict__ y, const double* __restrict__ z_start,
+                                       const double* __restrict__ h, const int order, const int n, const int C,
+                                       const int L, const int backward)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n * C) return;
+    const int c = (int)(i % C), t = (int)(i / C);
+    const int s = backward ? n - 1 - t : t;
+    const int seg = s / L, offset = s % L;
+    if (seg == 0) return;  // the first segment starts from the true (zero) state
+    const double* z = z_start + ((size_t)seg * C + c) * order;
+    double v = y[i];
+    for (int k = 0; k < order; k++) v += z[k] * h[k * L + offset];
+    y[i] = (float)v;
 }
 
 // Running minimum (+inf beyond the edges, my_min.m) or sum (zero beyond the edges, my_sum.m) over +-hw along

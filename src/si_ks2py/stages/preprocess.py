@@ -8,11 +8,12 @@ streamed; only the in-memory copy of the whitened data below grows with its leng
 Outputs: ``igood`` (bool per probe channel), ``chanMap``, ``xc``, ``yc``, ``kcoords`` of the kept channels,
 ``Wrot`` [Nchan, Nchan] float64, and the file ``temp_wh.dat`` (int16 [n_samples, Nchan], see io.py). When it fits
 in half of the free host memory, the whitened data is also kept in memory (``ctx.whitened``) for the later stages
-of the same run: they then read no file.
+of the same run, which then read no file, and the file is written from it by a background thread while they run.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from scipy import signal
 
-from ..io import RecordingReader, chunk_windows, prefetch, whitened_fits_in_memory
+from ..io import RecordingReader, chunk_windows, large_host_array, whitened_fits_in_memory
 from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
+
+STORE_WORKERS = 4  # threads copying chunks into the in-memory copy (its first writes fault pages in)
 
 OUTPUTS = ("igood", "chanMap", "xc", "yc", "kcoords", "Wrot")
 FILES = ("temp_wh.dat",)
@@ -38,6 +41,12 @@ def filter_coefficients(params) -> tuple[np.ndarray, np.ndarray]:
     return signal.butter(3, params.fshigh / nyquist, btype="high")
 
 
+def column_sums(xp, x):
+    """Sums over axis 0 of x [n, C] (any dtype; exact for counts below 2**24) as float32 [1, C], by BLAS: a reduction
+    along the rows of a time-major batch is several times slower on the GPU."""
+    return xp.ones((1, x.shape[0]), dtype=xp.float32) @ x.astype(xp.float32, copy=False)
+
+
 def filter_traces(ops, traces, params, coefficients):
     """gpufilter.m: traces [n, Nchan] (any dtype, selected channels, host or device) -> filtered float32
     [n, Nchan] on the device.
@@ -47,7 +56,7 @@ def filter_traces(ops, traces, params, coefficients):
     """
     xp = ops.xp
     x = ops.asarray(traces).astype(xp.float32)
-    x -= x.mean(axis=0, keepdims=True)
+    x -= column_sums(xp, x) / xp.float32(max(len(x), 1))
     if params.CAR and x.shape[1] >= 3:  # the median of one or two channels is (half) the signal itself
         x -= xp.median(x, axis=1, keepdims=True)
     return ops.filtfilt_zero_state(x, *coefficients)
@@ -70,16 +79,17 @@ def get_good_channels(ops, reader: RecordingReader, params) -> np.ndarray:
     alive = xp.zeros(n_chan, dtype=bool)
     seconds = 0.0
     ranges = [(L * k, L * k + params.NT) for k in range(0, params.Nbatch, step)]
-    for (start, stop), traces in prefetch(lambda r: ops.staged(reader.read(*r)), ranges):
+    for (start, stop), traces in reader.prefetch(ops, ranges):
         raw = reader.to_device(ops, traces)
-        alive |= (raw != raw[:1]).any(axis=0)
+        alive |= column_sums(xp, raw != raw[:1])[0] > 0
         if traces.shape[0] <= 2 * params.nt0 or params.minfr_goodchannels == 0:
             continue
         x = filter_traces(ops, raw, params, coefficients)
-        std = x.std(axis=0)
+        n = xp.float32(len(x))
+        std = xp.sqrt(xp.maximum(column_sums(xp, x * x) / n - (column_sums(xp, x) / n) ** 2, 0))
         x /= xp.where(std > 0, std, xp.inf)  # a constant channel becomes zeros: no crossings
         is_min = (x < ops.running_min(x, 30, axis=0) + 1e-3) & (x < params.spkTh)
-        counts += is_min[params.nt0 - 1:x.shape[0] - params.nt0].sum(axis=0)
+        counts += column_sums(xp, is_min[params.nt0 - 1:x.shape[0] - params.nt0])[0].astype(xp.int64)
         seconds += x.shape[0] / params.fs
     alive = ops.to_host(alive)
     if params.minfr_goodchannels == 0:
@@ -127,7 +137,7 @@ def get_whitening_matrix(ops, reader: RecordingReader, xc, yc, params) -> np.nda
     n_used = 0
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples)
                for k in range(0, params.Nbatch, params.nSkipCov)]
-    for (read, out), traces in prefetch(lambda w: ops.staged(reader.read(*w[0])), windows):
+    for (read, out), traces in reader.prefetch(ops, windows, read_range=lambda w: w[0]):
         x = filter_traces(ops, reader.to_device(ops, traces), params, coefficients)
         x = x[out[0] - read[0]:out[1] - read[0]].astype(xp.float64)
         cc += x.T @ x
@@ -146,37 +156,36 @@ def to_int16(ops, x):
     return xp.clip(xp.rint(x), -32768, 32767).astype(xp.int16)
 
 
-def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, path, show_progress: bool,
-                   in_memory: np.ndarray | None = None):
-    """The main pass: every chunk filtered with its context, whitened, scaled, int16 -> ``path`` (and into
-    ``in_memory``, int16 [n_samples, Nchan], when given). A writer thread stores one chunk while the next is
-    read and processed."""
+def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store, show_progress: bool,
+                   store_workers: int = 1):
+    """The main pass: every chunk filtered with its context, whitened, scaled, int16 [n_out, Nchan];
+    ``store(block, out)`` is called for each chunk by writer threads while the next ones are read and processed
+    (in order with one writer; several may store chunks side by side)."""
     coefficients = filter_coefficients(params)
     wrot_dev = ops.asarray(wrot, dtype=ops.xp.float32)
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples) for k in range(params.Nbatch)]
-
-    def store(block, out):
-        f.write(memoryview(block))
-        if in_memory is not None:
-            in_memory[out[0]:out[1]] = block
-
-    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as writer:
-        bar = progress_bar(total=len(windows), desc="preprocess", unit="batch", enabled=show_progress)
-        stored = None
-        for (read, out), traces in prefetch(lambda w: ops.staged(reader.read(*w[0])), windows):
+    bar = progress_bar(total=len(windows), desc="preprocess", unit="batch", enabled=show_progress)
+    with ThreadPoolExecutor(max_workers=store_workers) as writer:
+        stored = collections.deque()
+        for (read, out), traces in reader.prefetch(ops, windows, read_range=lambda w: w[0]):
             raw = reader.to_device(ops, traces)
             if params.skip_preprocessing:
                 x = raw[out[0] - read[0]:out[1] - read[0]].astype(ops.xp.float32)
             else:
                 x = filter_traces(ops, raw, params, coefficients)[out[0] - read[0]:out[1] - read[0]] @ wrot_dev
             block = np.ascontiguousarray(ops.to_host(to_int16(ops, x)))
-            if stored is not None:
-                stored.result()
-            stored = writer.submit(store, block, out)
+            while len(stored) > store_workers:  # bounded: each waiting block holds a page-locked buffer
+                stored.popleft().result()
+            stored.append(writer.submit(store, block, out))
             bar.update()
-        if stored is not None:
-            stored.result()
-        bar.close()
+        for future in stored:
+            future.result()
+    bar.close()
+
+
+def write_rows(f, data: np.ndarray, rows: int = 2 ** 16):
+    for start in range(0, len(data), rows):
+        f.write(memoryview(data[start:start + rows]))
 
 
 def run(ctx):
@@ -194,13 +203,23 @@ def run(ctx):
         )
     chan_map, xc, yc, kcoords = (np.asarray(probe[k])[igood] for k in ("chanMap", "xc", "yc", "kcoords"))
     reader = RecordingReader(ctx.raw_data, params.t_start, params.t_stop, chan_map)
+    shape = (params.n_samples, len(chan_map))
+    # allocated now, so that its pages are faulted in while the whitening matrix is computed
+    whitened = large_host_array(shape, np.int16) if whitened_fits_in_memory(2 * shape[0] * shape[1]) else None
     if params.skip_preprocessing:
         wrot = np.eye(len(chan_map))
     else:
         wrot = get_whitening_matrix(ops, reader, xc, yc, params)
-    n_bytes = 2 * params.n_samples * len(chan_map)
-    in_memory = np.empty((params.n_samples, len(chan_map)), np.int16) if whitened_fits_in_memory(n_bytes) else None
-    with ir.write_file("temp_wh.dat") as tmp:
-        write_whitened(ops, reader, wrot, params, tmp, ctx.show_progress, in_memory)
-    ctx.whitened = in_memory  # later stages of this run read the copy in memory instead of the file
+    if whitened is not None:
+        # later stages of this run read the copy in memory; the file (for reruns and Phy) is written meanwhile
+        def keep(block, out):
+            whitened[out[0]:out[1]] = block
+
+        write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, store_workers=STORE_WORKERS)
+        ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, whitened))
+        ctx.whitened = whitened
+    else:
+        with ir.write_file("temp_wh.dat") as tmp, open(tmp, "wb") as f:
+            write_whitened(ops, reader, wrot, params, lambda block, out: f.write(memoryview(block)),
+                           ctx.show_progress)
     ir.igood, ir.chanMap, ir.xc, ir.yc, ir.kcoords, ir.Wrot = igood, chan_map, xc, yc, kcoords, wrot

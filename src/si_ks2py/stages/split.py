@@ -15,16 +15,17 @@ appended), ``simScore_s``, ``iNeigh_s``, ``iNeighPC_s``, ``parent_s`` [K] (the t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
-from scipy import signal
 from threadpoolctl import threadpool_limits
 
 from .. import templates as tm
+from ..cpu import ops as host_ops
 from ..correlograms import refractoriness
 from ..probe import nearest_channels
 
@@ -35,67 +36,36 @@ FILES = ()
 FILE_INPUTS = ()
 
 MIN_SPIKES = 300
+#: clusters whose pursuit runs on the GPU when sorting there: smaller ones are split faster by the host threads
+#: than by kernel launches, and larger ones (about 5 kB of GPU memory per spike) on the host, in host memory
+DEVICE_SPIKES = (4000, 400_000)
 
 
-def running_mean(x: np.ndarray, sigma: float = 250.0) -> np.ndarray:
-    """my_conv2.m along axis 0: Gaussian smoothing (+-4 sigma), renormalised at the edges (FFT convolution)."""
-    radius = int(4 * sigma + 0.5)
-    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    smooth = signal.fftconvolve(x, kernel[:, None], mode="same", axes=0)
-    weight = signal.fftconvolve(np.ones(len(x)), kernel, mode="same")
-    return smooth / weight[:, None]
-
-
-@numba.njit(nogil=True, cache=True, error_model="numpy")
-def mixture_em_step(x, p, mu1, mu2, s1, s2, rs):
-    """One EM step of the 1-D two-Gaussian mixture (weights p, 1 - p): writes the responsibilities rs [n, 2] of
-    x [n] (float64) and returns the new (p, mu1, mu2, s1, s2). Compiled, and without the GIL: the clusters'
-    splits run in parallel threads."""
-    n = x.shape[0]
-    c1 = -0.5 * np.log(s1) + np.log(p)
-    c2 = -0.5 * np.log(s2) + np.log(1 - p)
-    r1_sum = r1x_sum = r2x_sum = 0.0
-    for i in range(n):
-        l1 = c1 - (x[i] - mu1) ** 2 / (2 * s1)
-        l2 = c2 - (x[i] - mu2) ** 2 / (2 * s2)
-        top = max(l1, l2)
-        e1, e2 = np.exp(l1 - top), np.exp(l2 - top)
-        rs[i, 0] = e1 / (e1 + e2)
-        rs[i, 1] = e2 / (e1 + e2)
-        r1_sum += rs[i, 0]
-        r1x_sum += rs[i, 0] * x[i]
-        r2x_sum += rs[i, 1] * x[i]
-    r2_sum = n - r1_sum
-    mu1, mu2 = r1x_sum / r1_sum, r2x_sum / r2_sum
-    v1 = v2 = 0.0
-    for i in range(n):
-        v1 += rs[i, 0] * (x[i] - mu1) ** 2
-        v2 += rs[i, 1] * (x[i] - mu2) ** 2
-    return r1_sum / n, mu1, mu2, v1 / r1_sum, v2 / r2_sum
-
-
-def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
+def bimodal_pursuit(ops, clp, w: np.ndarray):
     """50 EM iterations of a 1-D two-Gaussian mixture on clp @ w, re-estimating w on odd iterations after 10.
 
-    clp: [n, d] features; w: [d] unit start direction. Returns (responsibilities [n, 2], w); the iterations stop
-    early when the mixture degenerates (non-finite statistics), and the caller then sees non-finite
-    responsibilities or one empty side and does not split.
+    clp: [n, d] float64 features on the device of ``ops``; w: [d] unit start direction (host). Returns
+    (responsibilities [n, 2] on the host, w); the iterations stop early when the mixture degenerates
+    (non-finite statistics), and the caller then sees non-finite responsibilities or one empty side and does
+    not split. The direction is solved for on the host (d x d), as Kilosort's.
     """
+    xp = ops.xp
     n = len(clp)
-    x = clp @ w
+    x = clp @ ops.asarray(w)
     upper = x > x.mean()
-    if min(upper.sum(), (~upper).sum()) < 2:  # no spread along w: nothing to fit
+    n_upper = int(upper.sum())
+    if min(n_upper, n - n_upper) < 2:  # no spread along w: nothing to fit
         return np.full((n, 2), np.nan), w
-    mu1, mu2 = x[upper].mean(), x[~upper].mean()
-    s1, s2 = x[upper].var(ddof=1), x[~upper].var(ddof=1)
-    p = upper.mean()
-    rs = np.empty((n, 2))
+    params = xp.stack([upper.mean(), x[upper].mean(), x[~upper].mean(), x[upper].var(ddof=1),
+                       x[~upper].var(ddof=1)])
+    rs = xp.empty((n, 2))
     for k in range(1, 51):
-        p, mu1, mu2, s1, s2 = mixture_em_step(x, p, mu1, mu2, s1, s2, rs)
+        params = ops.mixture_em_step(x, params, rs)
         if k > 10 and k % 2 == 1:
+            _, mu1, mu2, s1, s2 = params
             weight = rs[:, 0] / s1 + rs[:, 1] / s2
-            StS = clp.T @ (clp * weight[:, None]) / n
-            StMu = clp.T @ (rs[:, 0] * mu1 / s1 + rs[:, 1] * mu2 / s2) / n
+            StS = ops.to_host(clp.T @ (clp * weight[:, None]) / n)
+            StMu = ops.to_host(clp.T @ (rs[:, 0] * mu1 / s1 + rs[:, 1] * mu2 / s2) / n)
             if not (np.isfinite(StS).all() and np.isfinite(StMu).all()):
                 break  # a degenerate cluster (Kilosort crashed here, MouseLand/Kilosort#85, #199)
             try:
@@ -106,31 +76,31 @@ def bimodal_pursuit(clp: np.ndarray, w: np.ndarray):
                 except np.linalg.LinAlgError:
                     break
             w /= np.linalg.norm(w)
-            x = clp @ w
-    return rs, w
+            x = clp @ ops.asarray(w)
+    return ops.to_host(rs), w
 
 
-def top_principal_axis(clp: np.ndarray) -> np.ndarray:
+def top_principal_axis(ops, clp) -> np.ndarray:
     """The first left singular vector of clp.T (Kilosort's svd), from the eigenvectors of the small [d, d] Gram
     matrix; its sign is fixed (largest component positive) so the result does not depend on the LAPACK build."""
-    _, vectors = np.linalg.eigh(clp.T @ clp)
+    _, vectors = np.linalg.eigh(ops.to_host(clp.T @ clp))
     w = vectors[:, -1]
     return w if w[np.argmax(np.abs(w))] >= 0 else -w
 
 
-def try_split(clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_mean: bool, auc_split: float):
-    """The spikes of a cluster that form its new piece (bool [n]) with their mean waveform, or None."""
-    clp = clp0 - clp0.mean(axis=0)
-    clp = clp - running_mean(clp)
-    if from_mean:
-        w = clp0.mean(axis=0)
-    else:
-        w = top_principal_axis(clp)
+def try_split(ops, clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_mean: bool, auc_split: float):
+    """The spikes of a cluster that form its new piece (bool [n]) with their mean waveform, or None.
+
+    clp0: [n, d] float64 host features; the pursuit runs on the device of ``ops``."""
+    data = ops.asarray(clp0)
+    clp = data - data.mean(axis=0)
+    clp = clp - ops.running_mean(clp, 250.0)
+    w = clp0.mean(axis=0) if from_mean else top_principal_axis(ops, clp)
     norm = np.linalg.norm(w)
     if not np.isfinite(norm) or norm == 0:
         return None
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        rs, _ = bimodal_pursuit(clp, w / norm)
+        rs, _ = bimodal_pursuit(ops, clp, w / norm)
     if not np.isfinite(rs).all():
         return None
     low = rs[:, 0] > rs[:, 1]
@@ -138,6 +108,8 @@ def try_split(clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_mean: 
         return None
     confidence = min(rs[low, 0].mean(), rs[~low, 1].mean())
     smaller = min(low.mean(), (~low).mean())
+    if not (smaller > 0.05 and confidence > auc_split and min(low.sum(), (~low).sum()) > MIN_SPIKES):
+        return None  # tested first: cheaper than the criteria below, and the split needs all of them
     score = refractoriness(times[low], times[~low])
     if score.Q < 0.25 and score.R < 0.05:  # mutually refractory: one neuron
         return None
@@ -147,18 +119,35 @@ def try_split(clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_mean: 
     n1, n2 = np.linalg.norm(c1), np.linalg.norm(c2)
     if np.corrcoef(c1.ravel(), c2.ravel())[0, 1] > 0.9 and 2 * abs(n1 - n2) / (n1 + n2) < 0.2:
         return None  # same waveform
-    if smaller > 0.05 and confidence > auc_split and min(low.sum(), (~low).sum()) > MIN_SPIKES:
-        return low, c1, c2
-    return None
+    return low, c1, c2
 
 
-def split_chain(features, rows: np.ndarray, times: np.ndarray, wPCA, from_mean: bool, auc_split: float):
+class PursuitDevice:
+    """Where a cluster's pursuit runs: on the GPU when ``ops`` is the GPU's and the cluster's size is within
+    DEVICE_SPIKES, one cluster at a time (bounded memory) on its own stream; else on the host (the NumPy twins)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def ops_for(self, n_spikes: int):
+        if self.ops is host_ops or not DEVICE_SPIKES[0] <= n_spikes <= DEVICE_SPIKES[1]:
+            yield host_ops
+            return
+        with self.lock, self.ops.split_stream():
+            yield self.ops
+
+
+def split_chain(features, rows: np.ndarray, times: np.ndarray, wPCA, from_mean: bool, auc_split: float,
+                device: PursuitDevice):
     """Split one cluster (its spike rows, ascending) again and again: [(rows of the new piece, c1, c2), ...] in the
     order the pieces leave it."""
     pieces = []
     while len(rows) >= MIN_SPIKES:
         clp0 = np.asarray(features[rows]).reshape(len(rows), -1).astype(np.float64)
-        result = try_split(clp0, times[rows], wPCA, from_mean, auc_split)
+        with device.ops_for(len(rows)) as ops:
+            result = try_split(ops, clp0, times[rows], wPCA, from_mean, auc_split)
         if result is None:
             break
         low, c1, c2 = result
@@ -168,13 +157,15 @@ def split_chain(features, rows: np.ndarray, times: np.ndarray, wPCA, from_mean: 
 
 
 def split_all_clusters(features, st3, dWU, W, sim, ineigh, ineigh_pc, parent, iC, iW, wPCA, fs, auc_split,
-                       from_mean, n_workers: int = 1):
+                       from_mean, n_workers: int = 1, device_ops=host_ops):
     """One pass of splitAllClusters.m over all clusters (including the ones it creates).
 
     Clusters are independent, so each generation (the clusters that exist, then the ones they created, ...) is
     split in parallel and the pieces are numbered in (cluster, piece) order: the same ids as Kilosort's loop,
     which tests cluster k until it stops splitting before it moves on to k + 1 and reaches new clusters last.
+    ``device_ops``: the op table whose device takes the large clusters (see PursuitDevice).
     """
+    device = PursuitDevice(device_ops)
     labels = st3[:, 1].astype(np.int64)
     times = st3[:, 0] / fs
     dWU, W, sim, ineigh, ineigh_pc, parent, iW = (a.copy() for a in (dWU, W, sim, ineigh, ineigh_pc, parent, iW))
@@ -183,10 +174,10 @@ def split_all_clusters(features, st3, dWU, W, sim, ineigh, ineigh_pc, parent, iC
     rows_of = {k: order[bounds[k]:bounds[k + 1]] for k in range(len(dWU))}
     n_splits = 0
     pending = list(range(len(dWU)))
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+    with ThreadPoolExecutor(max_workers=n_workers) if n_workers > 1 else contextlib.nullcontext() as pool:
         while pending:
-            chains = pool.map(lambda k: split_chain(features, rows_of[k], times, wPCA, from_mean, auc_split),
-                              pending)
+            chains = (pool.map if pool else map)(
+                lambda k: split_chain(features, rows_of[k], times, wPCA, from_mean, auc_split, device), pending)
             created = []
             for k, chain in zip(pending, chains):
                 for rows, c1, c2 in chain:
@@ -225,11 +216,11 @@ def run(ctx):
     state = (np.asarray(ir.st3_m), dWU, np.asarray(ir.W), np.asarray(ir.simScore), np.asarray(ir.iNeigh),
              np.asarray(ir.iNeighPC), np.arange(len(dWU)))
     features = ir.cProjPC
-    n_workers = min(16, os.cpu_count() or 1)
+    n_workers = min(8, os.cpu_count() or 1)  # more threads contend (16 were slower than 8 on 16 cores)
     with threadpool_limits(limits=1, user_api="blas"):  # one BLAS thread per cluster worker, not 16 each
         for from_mean in (False, True):
             st3, dWU, W, sim, ineigh, ineigh_pc, parent, iW, n_splits = split_all_clusters(
-                features, *state, iC, iW, wPCA, p.fs, p.AUCsplit, from_mean, n_workers)
+                features, *state, iC, iW, wPCA, p.fs, p.AUCsplit, from_mean, n_workers, ctx.ops)
             state = (st3, dWU, W, sim, ineigh, ineigh_pc, parent)
             logger.info("split (%s): %d splits", "mean" if from_mean else "PC", n_splits)
     Ka, Kb = tm.alignment_kernels(p.nt0, p.nt0min)
