@@ -140,16 +140,12 @@ def profiled(sort, recording, folder: Path, path: Path) -> dict:
     """Run ``sort`` under cProfile (main thread only) and write the 60 costliest calls, by total time and by time
     with callees, to ``path``."""
     import cProfile
-    import io
-    import pstats
+
+    from profile_stage import profile_summary  # beside this script
 
     profile = cProfile.Profile()
     result = profile.runcall(sort, recording, folder)
-    text = io.StringIO()
-    stats = pstats.Stats(profile, stream=text).strip_dirs()
-    stats.sort_stats("tottime").print_stats(60)
-    stats.sort_stats("cumulative").print_stats(60)
-    path.write_text(text.getvalue())
+    path.write_text(profile_summary(profile, 60))
     return result
 
 

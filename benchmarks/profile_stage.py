@@ -26,6 +26,15 @@ UNTIMED = {"run", "synchronize", "asarray", "array_module", "_module", "_kernel"
            "_i32"}
 
 
+def profile_summary(profile: cProfile.Profile, top: int) -> str:
+    """The ``top`` costliest calls of a profile, by their own time and by time with callees."""
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text).strip_dirs()
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
+
+
 def time_functions(modules, synchronize):
     """Replace the functions of ``modules`` by synchronising, timing wrappers; returns {name: [calls, seconds]}."""
     totals = defaultdict(lambda: [0, 0.0])
@@ -84,11 +93,7 @@ def main(argv=None):
     t = time.perf_counter()
     profile.runcall(lambda: (module.run(ctx), ctx.ops.synchronize()))
     print(f"{args.stage}: {time.perf_counter() - t:.2f} s under cProfile")
-    text = io.StringIO()
-    stats = pstats.Stats(profile, stream=text).strip_dirs()
-    stats.sort_stats("tottime").print_stats(args.top)
-    stats.sort_stats("cumulative").print_stats(args.top)
-    print(text.getvalue())
+    print(profile_summary(profile, args.top))
 
 
 if __name__ == "__main__":

@@ -190,7 +190,6 @@ class Intermediate:
             with self.write_file(name, stage) as tmp, open(tmp, "wb") as f:
                 write(f)
 
-        self._update_manifest("files", name, None)
         executor = ThreadPoolExecutor(max_workers=1)
         self._background.append(executor.submit(job))
         executor.shutdown(wait=False)

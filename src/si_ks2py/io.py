@@ -76,6 +76,11 @@ class RecordingReader:
             end_frame=self.t_start + stop,
             return_in_uV=False,
         )
+        return self.checked(traces, start)
+
+    def checked(self, traces: np.ndarray, start: int) -> np.ndarray:
+        """``traces`` (read from ``start``); ValueError naming the first NaN or inf of a selected channel of a
+        float recording."""
         if self.may_hold_nan:
             check_finite(traces if self.columns is None else traces[:, self.columns], self.t_start + start)
         return traces
@@ -95,9 +100,7 @@ class RecordingReader:
             os.close(fd)
         if n_read != traces.nbytes:
             raise OSError(f"{path}: read {n_read} bytes at sample {self.t_start + start}, expected {traces.nbytes}")
-        if self.may_hold_nan:
-            check_finite(traces if self.columns is None else traces[:, self.columns], self.t_start + start)
-        return traces
+        return self.checked(traces, start)
 
     def prefetch(self, ops, items, read_range=lambda item: item):
         """Yield (item, traces of ``read_range(item)`` staged for the device) in order, read ahead by
@@ -149,9 +152,9 @@ def large_host_array(shape, dtype) -> np.ndarray:
     with contextlib.suppress(AttributeError, OSError):
         buffer.madvise(mmap.MADV_HUGEPAGE)
     array = np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
     if not sys.platform.startswith("linux"):
         return array
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
     with contextlib.suppress(OSError, AttributeError):
         madvise = ctypes.CDLL(None, use_errno=True).madvise  # a ctypes call releases the GIL
         madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)

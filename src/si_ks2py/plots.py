@@ -55,7 +55,8 @@ def largest_templates(path, templates, whitening_inv, counts, good, xc, yc, n_sh
     rows = max(1, int(np.ceil(len(shown) / cols)))
     fig, ax = plt.subplots(figsize=(3 * cols, 3 * rows))
     ax.axis("off")
-    spacing = np.diff(np.unique(yc)).min() if len(np.unique(yc)) > 1 else 20
+    depths = np.unique(yc)
+    spacing = np.diff(depths).min() if len(depths) > 1 else 20
     units = []  # (unit, its 12 largest channels, unwhitened template, scale)
     for k in shown:
         t = templates[k] @ whitening_inv  # [nt, Nchan]

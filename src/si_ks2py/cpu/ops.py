@@ -5,8 +5,6 @@ Arrays are C-ordered; a batch of traces is [n_samples, n_channels] (time rows).
 
 from __future__ import annotations
 
-import contextlib
-
 import numba
 import numpy as np
 from scipy import fft as sfft
@@ -357,8 +355,3 @@ def mixture_em_step(x, params, rs):
     responsibilities. Returns the new params [5] float64.
     """
     return np.array(_mixture_em_step(x, *(float(v) for v in params), rs))
-
-
-def split_stream():
-    """Context for one thread's split work on the device (here nothing)."""
-    return contextlib.nullcontext()

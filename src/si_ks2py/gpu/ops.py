@@ -142,7 +142,8 @@ def filtfilt_zero_state(x, b, a):
     for backward in (0, 1):
         args = (_i32(order), _i32(n), _i32(C), _i32(L), _i32(backward))
         _launch("preprocess", "iir_segments", _blocks(n_seg * C, 256), (256,), (source, y, b_d, a_d, z_end) + args)
-        _launch("preprocess", "iir_carry", _blocks(C, 64), (64,), (z_end, phi, z_start, *args[:1], _i32(n_seg), _i32(C)))
+        _launch("preprocess", "iir_carry", _blocks(C, 64), (64,),
+                (z_end, phi, z_start, _i32(order), _i32(n_seg), _i32(C)))
         _launch("preprocess", "iir_correct", _blocks(n * C, 256), (256,), (y, z_start, h) + args)
         source = y
     return y
@@ -409,8 +410,3 @@ def mixture_em_step(x, params, rs):
     _launch("split", "mixture_em_step", (1,), (_SPLIT_THREADS,),
             (x, cp.ascontiguousarray(params, dtype=cp.float64), rs, out, np.int64(x.shape[0])))
     return out
-
-
-def split_stream():
-    """Context for one thread's split work: its own CUDA stream, so that threads do not wait for each other."""
-    return cp.cuda.Stream(non_blocking=True)

@@ -124,7 +124,7 @@ def try_split(ops, clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_m
 
 class PursuitDevice:
     """Where a cluster's pursuit runs: on the GPU when ``ops`` is the GPU's and the cluster's size is within
-    DEVICE_SPIKES, one cluster at a time (bounded memory) on its own stream; else on the host (the NumPy twins)."""
+    DEVICE_SPIKES, one cluster at a time (bounded memory); else on the host (the NumPy twins)."""
 
     def __init__(self, ops):
         self.ops = ops
@@ -135,7 +135,7 @@ class PursuitDevice:
         if self.ops is host_ops or not DEVICE_SPIKES[0] <= n_spikes <= DEVICE_SPIKES[1]:
             yield host_ops
             return
-        with self.lock, self.ops.split_stream():
+        with self.lock:
             yield self.ops
 
 
@@ -217,7 +217,7 @@ def run(ctx):
              np.asarray(ir.iNeighPC), np.arange(len(dWU)))
     features = ir.cProjPC
     n_workers = min(8, os.cpu_count() or 1)  # more threads contend (16 were slower than 8 on 16 cores)
-    with threadpool_limits(limits=1, user_api="blas"):  # one BLAS thread per cluster worker, not 16 each
+    with threadpool_limits(limits=1, user_api="blas"):  # one BLAS thread per cluster worker, not one per core each
         for from_mean in (False, True):
             st3, dWU, W, sim, ineigh, ineigh_pc, parent, iW, n_splits = split_all_clusters(
                 features, *state, iC, iW, wPCA, p.fs, p.AUCsplit, from_mean, n_workers, ctx.ops)
