@@ -1,12 +1,17 @@
 """The Phy folder and the returned sorting: phylib and SpikeInterface load it and agree; post-processing helps."""
 
+import time
+
 import numpy as np
 import pytest
 import spikeinterface.extractors as se
+from PIL import Image
 from spikeinterface.core import NumpySorting
 
 import si_ks2py
-from si_ks2py.context import Intermediate
+from si_ks2py import plots
+from si_ks2py.context import Bunch, Intermediate
+from si_ks2py.export import run_export
 from si_ks2py.demo import generate_demo_recording, score, summary
 from si_ks2py.pipeline import run
 
@@ -101,3 +106,67 @@ def test_changing_aucsplit_reruns_only_split_and_cutoff(tmp_path):
     sorting = si_ks2py.run(recording, tmp_path / "out", device="cpu", progress=False, verbose=False,
                            keep_good_only=True)
     assert set(sorting.get_property("KSLabel")) <= {"good"}
+
+
+def small_export_context(folder, rng, n_templates=5, n_chan=16, n_batches=9):
+    """A ctx with what run_export reads from the cache, and a write_phy stand-in writing Phy files of its size."""
+    xc, yc = np.tile([0.0, 32.0], n_chan // 2), np.repeat(np.arange(n_chan // 2) * 20.0, 2)
+    ccb = rng.uniform(size=(n_batches, n_batches))
+    ir = Bunch(xc=xc, yc=yc, good=np.arange(n_templates) % 2 == 0, ccb=ccb + ccb.T, iorig=rng.permutation(n_batches))
+    ctx = Bunch(intermediate=ir, params=Bunch(fs=30000.0), output_folder=folder, timings={},
+                user_params={"fig": True, "save_rez_to_mat": False, "delete_tmp_files": ("matlab_files",)})
+
+    def write_phy(_):
+        n = 3000
+        np.save(folder / "spike_times.npy", np.sort(rng.integers(0, 300_000, n)).astype(np.uint64))
+        np.save(folder / "spike_templates.npy", rng.integers(0, n_templates, n).astype(np.uint32))
+        np.save(folder / "amplitudes.npy", rng.uniform(10, 30, n))
+        np.save(folder / "pc_features.npy", rng.normal(size=(n, 3, 8)).astype(np.float32))
+        np.save(folder / "pc_feature_ind.npy", rng.integers(0, n_chan, (n_templates, 8)).astype(np.uint32))
+        np.save(folder / "templates.npy", rng.normal(size=(n_templates, 82, n_chan)).astype(np.float32))
+        np.save(folder / "whitening_mat_inv.npy", np.eye(n_chan))
+
+    return ctx, write_phy
+
+
+def test_qc_figures_are_drawn_while_the_phy_files_are_written(tmp_path, monkeypatch):
+    ctx, write_small_phy = small_export_context(tmp_path, np.random.default_rng(0))
+    batch_figure = tmp_path / "qc" / "batch_similarity.png"
+
+    def write_phy(ctx):
+        deadline = time.monotonic() + 60
+        while not batch_figure.exists():  # drawn by the background thread meanwhile (a sequential export hangs)
+            assert time.monotonic() < deadline, "the batch figure was not drawn while the Phy files were written"
+            time.sleep(0.01)
+        write_small_phy(ctx)
+
+    monkeypatch.setattr("si_ks2py.export.phy.write_phy", write_phy)
+    run_export(ctx)
+    assert set(ctx.timings) == {"export", "qc_figures"}
+    sizes = {name: Image.open(tmp_path / "qc" / f"{name}.png").size for name in
+             ("drift_map", "templates", "batch_similarity")}
+    assert sizes == {"drift_map": (1200, 600), "templates": (1440, 720), "batch_similarity": (1200, 540)}  # 120 dpi
+
+
+def test_a_qc_figure_error_is_raised_by_the_export(tmp_path, monkeypatch):
+    ctx, write_phy = small_export_context(tmp_path, np.random.default_rng(1))
+    monkeypatch.setattr("si_ks2py.export.phy.write_phy", write_phy)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(plots, "largest_templates", broken)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        run_export(ctx)
+
+
+def test_spike_depths_in_chunks_equal_the_whole_computation(monkeypatch):
+    rng = np.random.default_rng(2)
+    pc_features = rng.normal(size=(1000, 3, 8)).astype(np.float32)
+    pc_feature_ind = rng.integers(0, 16, (5, 8))
+    spike_templates = rng.integers(0, 5, 1000)
+    yc = rng.uniform(0, 400, 16)
+    weights = pc_features[:, 0, :].astype(np.float64) ** 2
+    expected = (weights * yc[pc_feature_ind[spike_templates]]).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)
+    monkeypatch.setattr(plots, "SPIKES_PER_CHUNK", 97)
+    assert plots.spike_depths(pc_features, pc_feature_ind, spike_templates, yc).tobytes() == expected.tobytes()

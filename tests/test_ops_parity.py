@@ -417,44 +417,73 @@ def test_pipeline_on_the_gpu_matches_the_cpu(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# splits: running mean and EM step in float64 (rtol 1e-9: only the order of the sums and libm's exp/log differ),
-# and a whole pursuit on a bimodal cluster large enough to go to the GPU: the same split.
+# splits: the segment ops in float64 (rtol 1e-9: only the order of the sums and libm's exp/log differ), on segments
+# shorter and longer than the running mean's +-1000 spikes and than a chunk, and whole pursuits of several clusters
+# at once: the same splits as on the host.
+
+SEGMENT_COUNTS = np.array([5000, 700, 300, 1, 2600])
 
 
-def test_running_mean(gpu):
-    x = np.random.default_rng(20).normal(size=(5000, 12)).cumsum(axis=0)
-    for n in (5000, 700):  # longer and shorter than the +-1000-spike kernel
-        np.testing.assert_allclose(gpu.to_host(gpu.running_mean(gpu.asarray(x[:n]), 250.0)),
-                                   cpu.running_mean(x[:n], 250.0), rtol=1e-9, atol=1e-9 * np.abs(x).max())
+def test_segment_sum_and_gram(gpu):
+    rng = np.random.default_rng(19)
+    x = rng.normal(size=(SEGMENT_COUNTS.sum(), 12)) + 3
+    weight = rng.random(len(x))
+    np.testing.assert_allclose(gpu.to_host(gpu.segment_sum(gpu.asarray(x), SEGMENT_COUNTS)),
+                               cpu.segment_sum(x, SEGMENT_COUNTS), rtol=1e-9)
+    np.testing.assert_allclose(gpu.to_host(gpu.segment_sum(gpu.asarray(x[:, 0]), SEGMENT_COUNTS)),
+                               cpu.segment_sum(x[:, 0], SEGMENT_COUNTS), rtol=1e-9)
+    np.testing.assert_allclose(gpu.to_host(gpu.segment_gram(gpu.asarray(x), SEGMENT_COUNTS, gpu.asarray(weight))),
+                               cpu.segment_gram(x, SEGMENT_COUNTS, weight), rtol=1e-9)
 
 
-def test_mixture_em_step(gpu):
+def test_segment_running_mean(gpu):
+    x = np.random.default_rng(20).normal(size=(SEGMENT_COUNTS.sum(), 12)).cumsum(axis=0)
+    np.testing.assert_allclose(gpu.to_host(gpu.segment_running_mean(gpu.asarray(x), SEGMENT_COUNTS, 250.0)),
+                               cpu.segment_running_mean(x, SEGMENT_COUNTS, 250.0), rtol=1e-9,
+                               atol=1e-9 * np.abs(x).max())
+
+
+def test_segment_em_step(gpu):
     rng = np.random.default_rng(21)
-    x = np.concatenate([rng.normal(-2, 1, 3000), rng.normal(3, 0.5, 1000)])
-    params = np.array([0.5, 1.0, -1.0, 2.0, 2.0])
-    rs_cpu, rs_gpu = np.empty((len(x), 2)), gpu.xp.empty((len(x), 2))
+    counts = np.array([4000, 600, 2000])
+    x = np.concatenate([rng.normal(-2, 1, 3000), rng.normal(3, 0.5, 1000), rng.normal(0, 1, 600),
+                        rng.normal(0, 1, 1000), rng.normal(5, 2, 1000)])
+    params = np.array([[0.5, 1.0, -1.0, 2.0, 2.0], [0.3, 0.5, -0.5, 1.0, 1.0], [0.5, 4.0, 0.0, 1.0, 1.0]])
+    active = np.array([True, False, True])
+    rs_cpu, rs_gpu = np.zeros((len(x), 2)), gpu.xp.zeros((len(x), 2))
     for _ in range(5):
-        new_cpu = cpu.mixture_em_step(x, params, rs_cpu)
-        new_gpu = gpu.to_host(gpu.mixture_em_step(gpu.asarray(x), gpu.asarray(params), rs_gpu))
+        new_cpu = cpu.segment_em_step(x, counts, params, rs_cpu, active)
+        new_gpu = gpu.to_host(gpu.segment_em_step(gpu.asarray(x), counts, gpu.asarray(params), rs_gpu,
+                                                  gpu.asarray(active)))
         np.testing.assert_allclose(new_gpu, new_cpu, rtol=1e-9)
         np.testing.assert_allclose(gpu.to_host(rs_gpu), rs_cpu, rtol=1e-9, atol=1e-12)
         params = new_cpu
+    np.testing.assert_array_equal(params[1], [0.3, 0.5, -0.5, 1.0, 1.0])  # inactive: untouched
+    assert not rs_cpu[4000:4600].any()
 
 
-def test_split_pursuit_on_gpu_matches_host(gpu):
-    from si_ks2py.stages.split import DEVICE_SPIKES, try_split
+def test_split_pursuits_on_gpu_match_host(gpu):
+    from si_ks2py.stages.split import try_splits
 
     rng = np.random.default_rng(22)
-    n, d = DEVICE_SPIKES[0] + 4000, 12
-    labels = rng.random(n) < 0.4
-    clp0 = rng.normal(size=(n, d)) + np.where(labels[:, None], 8.0, 0.0) * np.eye(d)[1]
-    times = np.sort(rng.uniform(0, 300, n))
+    counts = np.array([8000, 400, 3000, 12000])
+    d = 12
+    clp0, labels = [], []
+    for n, shift in zip(counts, (8.0, 0.0, 6.0, 0.0)):  # two bimodal clusters, two not
+        side = rng.random(n) < 0.4
+        clp0.append(rng.normal(size=(n, d)) + np.where(side[:, None], shift, 0.0) * np.eye(d)[1])
+        labels.append(side)
+    clp0 = np.concatenate(clp0).astype(np.float32)
+    times = [np.sort(rng.uniform(0, 300, n)) for n in counts]
     wPCA = np.linalg.qr(rng.normal(size=(61, 3)))[0]
     for from_mean in (False, True):
-        on_host = try_split(cpu, clp0, times, wPCA, from_mean, 0.9)
-        on_gpu = try_split(gpu, clp0, times, wPCA, from_mean, 0.9)
-        assert (on_host is None) == (on_gpu is None)
-        if on_host is not None:
-            np.testing.assert_array_equal(on_gpu[0], on_host[0])
-            np.testing.assert_allclose(on_gpu[1], on_host[1], rtol=1e-9)
-    assert on_host is not None and min(np.mean(on_host[0] == labels), np.mean(on_host[0] != labels)) < 0.01
+        on_host = try_splits(cpu, clp0, counts, times, wPCA, from_mean, 0.9)
+        on_gpu = try_splits(gpu, clp0, counts, times, wPCA, from_mean, 0.9)
+        for h, g in zip(on_host, on_gpu):
+            assert (h is None) == (g is None)
+            if h is not None:
+                np.testing.assert_array_equal(g[0], h[0])
+                np.testing.assert_allclose(g[1], h[1], rtol=1e-9)
+        assert [r is not None for r in on_host] == [True, False, True, False]
+        for result, side in zip(on_host[::2], labels[::2]):
+            assert min(np.mean(result[0] == side), np.mean(result[0] != side)) < 0.01

@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,24 +74,38 @@ def check_recording(recording):
         )
 
 
+def import_code(device: str):
+    """The op table of ``device`` and every stage module: their imports (SciPy's signal module, numba, CuPy,
+    CUDA's start) take about a second."""
+    ops = get_ops(device)
+    for stage in STAGES:
+        with contextlib.suppress(NotImplementedError):  # run_stages reports a missing stage
+            stage_module(stage)
+    return ops
+
+
 def build_context(recording, output_folder, user_params: dict | None = None, verbose: bool = True) -> Context:
-    """Validate everything, resolve params and probe, open the cache: all before any heavy work."""
+    """Validate everything, resolve params and probe, open the cache: all before any heavy work. A thread imports
+    the code of the sort meanwhile (its imports run mostly while this thread reads and checks the recording)."""
     check_recording(recording)
     full = params_module.validate(user_params or {}, recording.get_sampling_frequency())
     run_params = params_module.resolve(full, recording.get_sampling_frequency(), recording.get_num_samples(0))
-    probe = probe_from_recording(recording)
-    check_recording_values(recording, run_params.t_start, run_params.t_stop)
-    output_folder = Path(output_folder)
-    output_folder.mkdir(parents=True, exist_ok=True)
-    cache_folder = Path(full["cache_folder"]) if full["cache_folder"] is not None else output_folder / "cache"
-    fps = stage_fingerprints(recording_fingerprint(recording), full)
+    with ThreadPoolExecutor(max_workers=1) as importer:
+        imported = importer.submit(import_code, full["device"])
+        probe = probe_from_recording(recording)
+        check_recording_values(recording, run_params.t_start, run_params.t_stop)
+        output_folder = Path(output_folder)
+        output_folder.mkdir(parents=True, exist_ok=True)
+        cache_folder = Path(full["cache_folder"]) if full["cache_folder"] is not None else output_folder / "cache"
+        fps = stage_fingerprints(recording_fingerprint(recording), full)
+        ops = imported.result()
     return Context(
         raw_data=recording,
         probe=probe,
         params=run_params,
         user_params=full,
         intermediate=Intermediate(cache_folder, fps),
-        ops=get_ops(full["device"]),
+        ops=ops,
         output_folder=output_folder,
         show_progress=bool(full["progress"]) and verbose,
         timings={},
@@ -178,6 +193,7 @@ def run_stage(ctx: Context, stage: str):
     try:
         module.run(ctx)
         ctx.ops.synchronize()
+        ctx.ops.release_memory()
     except Exception as err:
         if is_device_out_of_memory(err):
             raise MemoryError(out_of_memory_advice(stage, ctx.params, err)) from err

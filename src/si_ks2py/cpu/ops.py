@@ -37,6 +37,10 @@ def synchronize():
     pass
 
 
+def release_memory():
+    """Nothing to release on the host (on the GPU, the memory pool's cached blocks)."""
+
+
 def filtfilt_zero_state(x, b, a):
     """Forward then backward IIR filtering along time with zero initial state and no padding (gpufilter.m).
 
@@ -310,16 +314,56 @@ def pc_features(residual, st, ids, y, W, U, channels, wPCA):
 # splits
 
 
-def running_mean(x, sigma: float):
-    """my_conv2.m along axis 0: Gaussian smoothing (+-4 sigma) renormalised at the edges (FFT convolution).
+def _segment_bounds(counts) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
-    x: [n, d] float64. Returns [n, d] float64.
+
+def segment_sum(x, counts):
+    """Sums of the rows of each segment.
+
+    x: [N, ...] (the rows of S segments one after the other); counts: [S] int64 rows per segment (host).
+    Returns [S, ...].
     """
+    bounds = _segment_bounds(counts)
+    out = np.empty((len(counts),) + x.shape[1:], dtype=x.dtype)
+    for s in range(len(counts)):
+        out[s] = x[bounds[s]:bounds[s + 1]].sum(axis=0)
+    return out
+
+
+def segment_gram(x, counts, weight):
+    """Weighted Gram matrix of each segment, ``sum_i weight_i x_i x_i'`` over its rows.
+
+    x: [N, d] float64; counts: [S] int64 (host); weight: [N] float64. Returns [S, d, d] float64.
+    """
+    bounds = _segment_bounds(counts)
+    out = np.empty((len(counts), x.shape[1], x.shape[1]))
+    for s in range(len(counts)):
+        rows = x[bounds[s]:bounds[s + 1]]
+        out[s] = rows.T @ (rows * weight[bounds[s]:bounds[s + 1], None])
+    return out
+
+
+def _running_mean(x, sigma: float):
     radius = int(4 * sigma + 0.5)
     kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     smooth = signal.fftconvolve(x, kernel[:, None], mode="same", axes=0)
     weight = signal.fftconvolve(np.ones(len(x)), kernel, mode="same")
     return smooth / weight[:, None]
+
+
+def segment_running_mean(x, counts, sigma: float):
+    """my_conv2.m along axis 0 within each segment: Gaussian smoothing (+-4 sigma) renormalised at the segment's
+    edges (FFT convolution).
+
+    x: [N, d] float64; counts: [S] int64 (host). Returns [N, d] float64.
+    """
+    bounds = _segment_bounds(counts)
+    out = np.empty_like(x, dtype=np.float64)
+    for s in range(len(counts)):
+        if bounds[s + 1] > bounds[s]:
+            out[bounds[s]:bounds[s + 1]] = _running_mean(x[bounds[s]:bounds[s + 1]], sigma)
+    return out
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -347,11 +391,16 @@ def _mixture_em_step(x, p, mu1, mu2, s1, s2, rs):
     return r1_sum / n, mu1, mu2, v1 / r1_sum, v2 / r2_sum
 
 
-def mixture_em_step(x, params, rs):
-    """One EM step of the 1-D two-Gaussian mixture with weights p, 1 - p (compiled, without the GIL: clusters
-    are split in parallel threads).
+def segment_em_step(x, counts, params, rs, active):
+    """One EM step of a 1-D two-Gaussian mixture (weights p, 1 - p) in each active segment (compiled).
 
-    x: [n] float64; params: [5] float64 (p, mu1, mu2, s1, s2); rs: [n, 2] float64, overwritten with the
-    responsibilities. Returns the new params [5] float64.
+    x: [N] float64; counts: [S] int64 (host); params: [S, 5] float64 (p, mu1, mu2, s1, s2); rs: [N, 2] float64,
+    the responsibilities, overwritten in the active segments' rows; active: [S] bool. Returns the new params
+    [S, 5] float64 (an inactive segment's unchanged).
     """
-    return np.array(_mixture_em_step(x, *(float(v) for v in params), rs))
+    bounds = _segment_bounds(counts)
+    out = np.array(params, dtype=np.float64)
+    for s in np.flatnonzero(active):
+        a, b = bounds[s], bounds[s + 1]
+        out[s] = _mixture_em_step(x[a:b], *(float(v) for v in params[s]), rs[a:b])
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 logger = logging.getLogger("si_ks2py")
 
@@ -29,19 +30,28 @@ def save_rez(ctx):
 
 
 def run_export(ctx):
-    from ..plots import save_qc_figures
+    """The Phy folder, then (``fig``) the QC figures, (``save_rez_to_mat``) rez.mat, and the deletion of
+    ``delete_tmp_files``. The figures are drawn by one background thread (matplotlib, imported there, draws one
+    figure at a time): the batch figure, which needs only the cache, while the Phy files are written, then the
+    figures that read them. Timings: ``export`` is the Phy folder, ``qc_figures`` the wait for the figures after it."""
+    from ..plots import save_batch_figure, save_phy_figures
     from .phy import write_phy
 
     params = ctx.user_params
-    t = time.perf_counter()
-    write_phy(ctx)
-    ctx.timings["export"] = time.perf_counter() - t
-    if params["fig"]:
+    with ThreadPoolExecutor(max_workers=1) as drawing:
+        figures = [drawing.submit(save_batch_figure, ctx.output_folder, ctx)] if params["fig"] else []
         t = time.perf_counter()
-        save_qc_figures(ctx.output_folder, ctx)
-        ctx.timings["qc_figures"] = time.perf_counter() - t
-    if params["save_rez_to_mat"]:
-        save_rez(ctx)
+        write_phy(ctx)
+        ctx.timings["export"] = time.perf_counter() - t
+        if params["fig"]:
+            t = time.perf_counter()
+            figures.append(drawing.submit(save_phy_figures, ctx.output_folder, ctx))
+        if params["save_rez_to_mat"]:
+            save_rez(ctx)
+        for figure in figures:
+            figure.result()  # raises a figure's error here
+        if params["fig"]:
+            ctx.timings["qc_figures"] = time.perf_counter() - t
     for name in tmp_files_to_delete(params["delete_tmp_files"]):
         if ctx.intermediate.has_file(name):
             logger.info("deleting %s (delete_tmp_files); a rerun will redo preprocessing", name)

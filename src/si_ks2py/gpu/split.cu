@@ -1,8 +1,9 @@
-// Kernels of the split stage.
+// Kernels of the split stage: the clusters of a round are segments of consecutive rows.
 
-// One EM step of the 1-D two-Gaussian mixture (mixture_em_step of the NumPy twin) in one block of SPLIT_THREADS
-// threads: the responsibilities rs [n, 2] of x [n] under params = (p, mu1, mu2, s1, s2) (weights p, 1 - p), and
-// the new params in out [5]. Every sum is per-thread strided partial sums, then a fixed tree: deterministic.
+// One EM step of the 1-D two-Gaussian mixture (segment_em_step of the NumPy twin), one block of SPLIT_THREADS
+// threads per segment: the responsibilities rs [n, 2] of the segment's x [n] under its params (p, mu1, mu2, s1,
+// s2) (weights p, 1 - p), and its new params in out [5]. An inactive segment keeps its params and rs. Every sum
+// is per-thread strided partial sums, then a fixed tree: deterministic.
 #define SPLIT_THREADS 512
 
 __device__ void block_sum(double* shared, double* values, const int count)
@@ -19,10 +20,22 @@ __device__ void block_sum(double* shared, double* values, const int count)
     __syncthreads();
 }
 
-extern "C" __global__ void mixture_em_step(const double* __restrict__ x, const double* __restrict__ params,
-                                           double* __restrict__ rs, double* __restrict__ out, const long long n)
+extern "C" __global__ void segment_em_step(const double* __restrict__ x_all, const long long* __restrict__ bounds,
+                                           const double* __restrict__ params_all,
+                                           const unsigned char* __restrict__ active, double* __restrict__ rs_all,
+                                           double* __restrict__ out_all)
 {
     __shared__ double shared[3 * SPLIT_THREADS];
+    const int s = blockIdx.x;
+    const double* params = params_all + 5 * s;
+    double* out = out_all + 5 * s;
+    if (!active[s]) {  // the whole block leaves: no barrier is skipped by part of it
+        if (threadIdx.x < 5) out[threadIdx.x] = params[threadIdx.x];
+        return;
+    }
+    const long long n = bounds[s + 1] - bounds[s];
+    const double* x = x_all + bounds[s];
+    double* rs = rs_all + 2 * bounds[s];
     const double p = params[0], mu1 = params[1], mu2 = params[2], s1 = params[3], s2 = params[4];
     const double c1 = -0.5 * log(s1) + log(p), c2 = -0.5 * log(s2) + log(1 - p);
     double sums[3] = {0.0, 0.0, 0.0};  // r1, r1 * x, r2 * x
@@ -56,4 +69,18 @@ extern "C" __global__ void mixture_em_step(const double* __restrict__ x, const d
         out[3] = var[0] / r1_sum;
         out[4] = var[1] / r2_sum;
     }
+}
+
+// out [S, E] = the sums of each segment's chunk partials [n_chunks, E]; segment s owns chunks chunk_bounds[s] to
+// chunk_bounds[s + 1] - 1, added in order (deterministic).
+extern "C" __global__ void sum_chunks(const double* __restrict__ partial, const long long* __restrict__ chunk_bounds,
+                                      double* __restrict__ out, const int S, const long long E)
+{
+    const long long index = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (index >= S * E) return;
+    const int s = (int)(index / E);
+    const long long e = index % E;
+    double total = 0.0;
+    for (long long c = chunk_bounds[s]; c < chunk_bounds[s + 1]; c++) total += partial[c * E + e];
+    out[index] = total;
 }

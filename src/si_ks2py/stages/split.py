@@ -18,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from .. import templates as tm
 from ..cpu import ops as host_ops
@@ -36,71 +34,98 @@ FILES = ()
 FILE_INPUTS = ()
 
 MIN_SPIKES = 300
-#: clusters whose pursuit runs on the GPU when sorting there: smaller ones are split faster by the host threads
-#: than by kernel launches, and larger ones (about 5 kB of GPU memory per spike) on the host, in host memory
-DEVICE_SPIKES = (4000, 400_000)
+#: float64 feature bytes of one group of clusters pursued together (the largest buffers are a few copies of it);
+#: a cluster larger than this alone is pursued on the host
+GROUP_BYTES = 2 ** 28
 
 
-def bimodal_pursuit(ops, clp, w: np.ndarray):
-    """50 EM iterations of a 1-D two-Gaussian mixture on clp @ w, re-estimating w on odd iterations after 10.
-
-    clp: [n, d] float64 features on the device of ``ops``; w: [d] unit start direction (host). Returns
-    (responsibilities [n, 2] on the host, w); the iterations stop early when the mixture degenerates
-    (non-finite statistics), and the caller then sees non-finite responsibilities or one empty side and does
-    not split. The direction is solved for on the host (d x d), as Kilosort's.
-    """
+def solve_directions(ops, StS, StMu, w, active: np.ndarray):
+    """The new unit directions ``StS \\ StMu`` of the active segments (w [S, d] is updated in place; a segment
+    whose system cannot be solved leaves ``active``). Batched on the device; a singular system is solved on the
+    host, by least squares where the solve fails, as one cluster at a time would be."""
     xp = ops.xp
-    n = len(clp)
-    x = clp @ ops.asarray(w)
-    upper = x > x.mean()
-    n_upper = int(upper.sum())
-    if min(n_upper, n - n_upper) < 2:  # no spread along w: nothing to fit
-        return np.full((n, 2), np.nan), w
-    params = xp.stack([upper.mean(), x[upper].mean(), x[~upper].mean(), x[upper].var(ddof=1),
-                       x[~upper].var(ddof=1)])
-    rs = xp.empty((n, 2))
-    for k in range(1, 51):
-        params = ops.mixture_em_step(x, params, rs)
-        if k > 10 and k % 2 == 1:
-            _, mu1, mu2, s1, s2 = params
-            weight = rs[:, 0] / s1 + rs[:, 1] / s2
-            StS = ops.to_host(clp.T @ (clp * weight[:, None]) / n)
-            StMu = ops.to_host(clp.T @ (rs[:, 0] * mu1 / s1 + rs[:, 1] * mu2 / s2) / n)
-            if not (np.isfinite(StS).all() and np.isfinite(StMu).all()):
-                break  # a degenerate cluster (Kilosort crashed here, MouseLand/Kilosort#85, #199)
+    chosen = np.flatnonzero(active)
+    if not len(chosen):
+        return
+    index = xp.asarray(chosen)
+    A, b = StS[index], StMu[index]
+    try:
+        solved = xp.linalg.solve(A, b[..., None])[..., 0]
+        ok = ops.to_host(xp.isfinite(solved).all(axis=1))
+    except np.linalg.LinAlgError:
+        solved, ok = xp.zeros_like(b), np.zeros(len(chosen), dtype=bool)
+    if not ok.all():
+        solved, A, b = ops.to_host(solved).copy(), ops.to_host(A), ops.to_host(b)
+        for j in np.flatnonzero(~ok):
             try:
-                w = np.linalg.solve(StS, StMu)
+                solved[j] = np.linalg.solve(A[j], b[j])
             except np.linalg.LinAlgError:  # singular: the least-squares direction
                 try:
-                    w = np.linalg.lstsq(StS, StMu, rcond=None)[0]
+                    solved[j] = np.linalg.lstsq(A[j], b[j], rcond=None)[0]
                 except np.linalg.LinAlgError:
-                    break
-            w /= np.linalg.norm(w)
-            x = clp @ ops.asarray(w)
-    return ops.to_host(rs), w
+                    active[chosen[j]] = False
+        keep = active[chosen]
+        chosen, solved = chosen[keep], xp.asarray(solved[keep])
+        index = xp.asarray(chosen)
+    w[index] = solved / xp.linalg.norm(solved, axis=1)[:, None]
 
 
-def top_principal_axis(ops, clp) -> np.ndarray:
-    """The first left singular vector of clp.T (Kilosort's svd), from the eigenvectors of the small [d, d] Gram
-    matrix; its sign is fixed (largest component positive) so the result does not depend on the LAPACK build."""
-    _, vectors = np.linalg.eigh(ops.to_host(clp.T @ clp))
-    w = vectors[:, -1]
-    return w if w[np.argmax(np.abs(w))] >= 0 else -w
+def bimodal_pursuit(ops, clp, counts: np.ndarray, w, active: np.ndarray):
+    """50 EM iterations of a 1-D two-Gaussian mixture on each segment's clp @ w, re-estimating w on odd
+    iterations after 10; all segments (clusters) at once.
+
+    clp: [N, d] float64 features of S segments on the device of ``ops``, counts [S] their rows (host); w: [S, d]
+    unit start directions (device); active: [S] bool, the segments to pursue (host; changed in place). Returns
+    the responsibilities [N, 2] on the host. A segment stops early when its mixture degenerates (non-finite
+    statistics) and then shows non-finite responsibilities or one empty side (not split); one without spread
+    along w is not pursued (NaN responsibilities). The directions are solved for per segment (d x d).
+    """
+    xp = ops.xp
+    segment = xp.asarray(np.repeat(np.arange(len(counts)), counts))
+    n = xp.asarray(counts, dtype=xp.float64)
+    x = (clp * w[segment]).sum(axis=1)
+    upper = x > (ops.segment_sum(x, counts) / n)[segment]
+    n_upper = ops.segment_sum(upper.astype(xp.float64), counts)
+
+    def side(mask, count):  # mean and variance (ddof 1) of the side
+        mean = ops.segment_sum(xp.where(mask, x, 0.0), counts) / count
+        return mean, ops.segment_sum(xp.where(mask, (x - mean[segment]) ** 2, 0.0), counts) / (count - 1)
+
+    (mu1, s1), (mu2, s2) = side(upper, n_upper), side(~upper, n - n_upper)
+    params = xp.stack([n_upper / n, mu1, mu2, s1, s2], axis=1)
+    active &= ops.to_host(xp.minimum(n_upper, n - n_upper) >= 2)  # no spread along w: nothing to fit
+    rs = xp.full((len(x), 2), xp.nan)
+    for k in range(1, 51):
+        params = ops.segment_em_step(xp.ascontiguousarray(x), counts, params, rs, xp.asarray(active))
+        if k > 10 and k % 2 == 1 and active.any():
+            _, mu1, mu2, s1, s2 = params.T
+            weight = rs[:, 0] / s1[segment] + rs[:, 1] / s2[segment]
+            StS = ops.segment_gram(clp, counts, weight) / n[:, None, None]
+            target = rs[:, 0] * (mu1 / s1)[segment] + rs[:, 1] * (mu2 / s2)[segment]
+            StMu = ops.segment_sum(clp * target[:, None], counts) / n[:, None]
+            # a degenerate cluster stops here (Kilosort crashed, MouseLand/Kilosort#85, #199)
+            active &= ops.to_host(xp.isfinite(StS).all(axis=(1, 2)) & xp.isfinite(StMu).all(axis=1))
+            solve_directions(ops, StS, StMu, w, active)
+            x = (clp * w[segment]).sum(axis=1)
+    return ops.to_host(rs)
 
 
-def try_split(ops, clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_mean: bool, auc_split: float):
-    """The spikes of a cluster that form its new piece (bool [n]) with their mean waveform, or None.
+def top_principal_axes(ops, clp, counts: np.ndarray) -> np.ndarray:
+    """[S, d]: each segment's first left singular vector of clp.T (Kilosort's svd), from the eigenvectors of its
+    small [d, d] Gram matrix; its sign is fixed (largest component positive) so the result does not depend on
+    the LAPACK build. Zero for a segment whose Gram matrix is not finite."""
+    gram = ops.to_host(ops.segment_gram(clp, counts, ops.xp.ones(len(clp))))
+    axes = np.zeros(gram.shape[:2])
+    finite = np.isfinite(gram).all(axis=(1, 2))
+    if finite.any():
+        axes[finite] = np.linalg.eigh(gram[finite])[1][:, :, -1]
+    sign = np.where(np.take_along_axis(axes, np.abs(axes).argmax(axis=1)[:, None], axis=1) >= 0, 1.0, -1.0)
+    return axes * sign
 
-    clp0: [n, d] float64 host features; the pursuit runs on the device of ``ops``."""
-    data = ops.asarray(clp0)
-    clp = data - data.mean(axis=0)
-    clp = clp - ops.running_mean(clp, 250.0)
-    w = clp0.mean(axis=0) if from_mean else top_principal_axis(ops, clp)
-    norm = np.linalg.norm(w)
-    if not np.isfinite(norm) or norm == 0:
-        return None
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        rs, _ = bimodal_pursuit(ops, clp, w / norm)
+
+def accept_split(rs: np.ndarray, clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, auc_split: float):
+    """The split of one cluster given its pursuit's responsibilities rs [n, 2]: (the spikes of its new piece,
+    bool [n], and the two sides' mean waveforms) or None. clp0: [n, d] float32 features; times in seconds."""
     if not np.isfinite(rs).all():
         return None
     low = rs[:, 0] > rs[:, 1]
@@ -114,6 +139,7 @@ def try_split(ops, clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_m
     if score.Q < 0.25 and score.R < 0.05:  # mutually refractory: one neuron
         return None
     n_pcs = wPCA.shape[1]
+    clp0 = clp0.astype(np.float64)
     c1 = wPCA @ clp0[low].mean(axis=0).reshape(n_pcs, -1)  # [nt0, NchanNear]
     c2 = wPCA @ clp0[~low].mean(axis=0).reshape(n_pcs, -1)
     n1, n2 = np.linalg.norm(c1), np.linalg.norm(c2)
@@ -122,50 +148,85 @@ def try_split(ops, clp0: np.ndarray, times: np.ndarray, wPCA: np.ndarray, from_m
     return low, c1, c2
 
 
-class PursuitDevice:
-    """Where a cluster's pursuit runs: on the GPU when ``ops`` is the GPU's and the cluster's size is within
-    DEVICE_SPIKES, one cluster at a time (bounded memory); else on the host (the NumPy twins)."""
+def try_splits(ops, clp0: np.ndarray, counts: np.ndarray, times: list, wPCA: np.ndarray, from_mean: bool,
+               auc_split: float, pool=None) -> list:
+    """Try to split S clusters at once: for each, (its new piece, bool [n], c1, c2) or None.
 
-    def __init__(self, ops):
-        self.ops = ops
-        self.lock = threading.Lock()
+    clp0: [N, d] float32 host features of the clusters one after the other, counts [S] their spike counts,
+    times: S arrays of their spike times (s). The pursuit runs on the device of ``ops``; the final checks (the
+    correlogram, the waveforms) on the host, in ``pool`` when given.
+    """
+    xp = ops.xp
+    counts = np.asarray(counts, dtype=np.int64)
+    segment = xp.asarray(np.repeat(np.arange(len(counts)), counts))
+    data = ops.asarray(clp0).astype(xp.float64)
+    mean = ops.segment_sum(data, counts) / xp.asarray(counts, dtype=xp.float64)[:, None]
+    clp = data - mean[segment]
+    del data
+    clp -= ops.segment_running_mean(clp, counts, 250.0)
+    w = ops.to_host(mean) if from_mean else top_principal_axes(ops, clp, counts)
+    norm = np.linalg.norm(w, axis=1)
+    active = np.isfinite(norm) & (norm > 0)
+    w = xp.asarray(np.where(active[:, None], w / np.where(active, norm, 1)[:, None], 0.0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        rs = bimodal_pursuit(ops, clp, counts, w, active)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    checks = [(rs[a:b], clp0[a:b], t, wPCA, auc_split) for a, b, t in zip(bounds[:-1], bounds[1:], times)]
+    return list((pool.map if pool else map)(lambda c: accept_split(*c), checks))
 
-    @contextlib.contextmanager
-    def ops_for(self, n_spikes: int):
-        if self.ops is host_ops or not DEVICE_SPIKES[0] <= n_spikes <= DEVICE_SPIKES[1]:
-            yield host_ops
-            return
-        with self.lock:
-            yield self.ops
+
+def pursuit_groups(ops, sizes: dict, d: int):
+    """The live clusters (id -> spike count) in groups of at most GROUP_BYTES of float64 features, with the ops
+    each group runs on (a cluster larger than that alone on the host)."""
+    limit = max(1, GROUP_BYTES // (8 * d))
+    group, rows = [], 0
+    for k, n in sizes.items():
+        if n > limit:
+            yield [k], host_ops
+            continue
+        if group and rows + n > limit:
+            yield group, ops
+            group, rows = [], 0
+        group.append(k)
+        rows += n
+    if group:
+        yield group, ops
 
 
-def split_chain(features, rows: np.ndarray, times: np.ndarray, wPCA, from_mean: bool, auc_split: float,
-                device: PursuitDevice):
-    """Split one cluster (its spike rows, ascending) again and again: [(rows of the new piece, c1, c2), ...] in the
-    order the pieces leave it."""
-    pieces = []
-    while len(rows) >= MIN_SPIKES:
-        clp0 = np.asarray(features[rows]).reshape(len(rows), -1).astype(np.float64)
-        with device.ops_for(len(rows)) as ops:
-            result = try_split(ops, clp0, times[rows], wPCA, from_mean, auc_split)
-        if result is None:
-            break
-        low, c1, c2 = result
-        pieces.append((rows[low], c1, c2))
-        rows = rows[~low]
+def split_chains(ops, features, rows: list, times: np.ndarray, wPCA, from_mean: bool, auc_split: float,
+                 pool=None) -> list:
+    """Split each cluster (its spike rows, ascending) again and again: per cluster [(rows of the new piece, c1,
+    c2), ...] in the order the pieces leave it. All clusters still splitting are tried together in each round."""
+    pieces = [[] for _ in rows]
+    live = {i: r for i, r in enumerate(rows) if len(r) >= MIN_SPIKES}
+    d = int(np.prod(features.shape[1:]))
+    while live:
+        still = {}
+        for group, group_ops in pursuit_groups(ops, {i: len(r) for i, r in live.items()}, d):
+            group_rows = [live[i] for i in group]
+            clp0 = np.asarray(features[np.concatenate(group_rows)]).reshape(-1, d)
+            results = try_splits(group_ops, clp0, [len(r) for r in group_rows], [times[r] for r in group_rows],
+                                 wPCA, from_mean, auc_split, pool)
+            for i, r, result in zip(group, group_rows, results):
+                if result is None:
+                    continue
+                low, c1, c2 = result
+                pieces[i].append((r[low], c1, c2))
+                if (~low).sum() >= MIN_SPIKES:
+                    still[i] = r[~low]
+        live = still
     return pieces
 
 
 def split_all_clusters(features, st3, dWU, W, sim, ineigh, ineigh_pc, parent, iC, iW, wPCA, fs, auc_split,
-                       from_mean, n_workers: int = 1, device_ops=host_ops):
+                       from_mean, n_workers: int = 1, ops=host_ops):
     """One pass of splitAllClusters.m over all clusters (including the ones it creates).
 
     Clusters are independent, so each generation (the clusters that exist, then the ones they created, ...) is
-    split in parallel and the pieces are numbered in (cluster, piece) order: the same ids as Kilosort's loop,
-    which tests cluster k until it stops splitting before it moves on to k + 1 and reaches new clusters last.
-    ``device_ops``: the op table whose device takes the large clusters (see PursuitDevice).
+    split together (split_chains) and the pieces are numbered in (cluster, piece) order: the same ids as
+    Kilosort's loop, which tests cluster k until it stops splitting before it moves on to k + 1 and reaches new
+    clusters last. ``ops``: the op table of the pursuits; ``n_workers`` threads run the final checks.
     """
-    device = PursuitDevice(device_ops)
     labels = st3[:, 1].astype(np.int64)
     times = st3[:, 0] / fs
     dWU, W, sim, ineigh, ineigh_pc, parent, iW = (a.copy() for a in (dWU, W, sim, ineigh, ineigh_pc, parent, iW))
@@ -176,8 +237,8 @@ def split_all_clusters(features, st3, dWU, W, sim, ineigh, ineigh_pc, parent, iC
     pending = list(range(len(dWU)))
     with ThreadPoolExecutor(max_workers=n_workers) if n_workers > 1 else contextlib.nullcontext() as pool:
         while pending:
-            chains = (pool.map if pool else map)(
-                lambda k: split_chain(features, rows_of[k], times, wPCA, from_mean, auc_split, device), pending)
+            chains = split_chains(ops, features, [rows_of[k] for k in pending], times, wPCA, from_mean, auc_split,
+                                  pool)
             created = []
             for k, chain in zip(pending, chains):
                 for rows, c1, c2 in chain:
@@ -216,13 +277,12 @@ def run(ctx):
     state = (np.asarray(ir.st3_m), dWU, np.asarray(ir.W), np.asarray(ir.simScore), np.asarray(ir.iNeigh),
              np.asarray(ir.iNeighPC), np.arange(len(dWU)))
     features = ir.cProjPC
-    n_workers = min(8, os.cpu_count() or 1)  # more threads contend (16 were slower than 8 on 16 cores)
-    with threadpool_limits(limits=1, user_api="blas"):  # one BLAS thread per cluster worker, not one per core each
-        for from_mean in (False, True):
-            st3, dWU, W, sim, ineigh, ineigh_pc, parent, iW, n_splits = split_all_clusters(
-                features, *state, iC, iW, wPCA, p.fs, p.AUCsplit, from_mean, n_workers, ctx.ops)
-            state = (st3, dWU, W, sim, ineigh, ineigh_pc, parent)
-            logger.info("split (%s): %d splits", "mean" if from_mean else "PC", n_splits)
+    n_workers = min(8, os.cpu_count() or 1)  # for the correlograms of the final checks
+    for from_mean in (False, True):
+        st3, dWU, W, sim, ineigh, ineigh_pc, parent, iW, n_splits = split_all_clusters(
+            features, *state, iC, iW, wPCA, p.fs, p.AUCsplit, from_mean, n_workers, ctx.ops)
+        state = (st3, dWU, W, sim, ineigh, ineigh_pc, parent)
+        logger.info("split (%s): %d splits", "mean" if from_mean else "PC", n_splits)
     Ka, Kb = tm.alignment_kernels(p.nt0, p.nt0min)
     W, U, mu = tm.svd_templates(dWU, W, iC, iW, Ka, Kb, p.nt0min)
     siblings = sim == 1
