@@ -81,3 +81,26 @@ def test_stale_or_half_written_arrays_are_never_read(tmp_path, monkeypatch):
     assert not ir.has_file("temp_wh.dat")
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert "temp_wh.dat" not in manifest["files"]
+
+
+def test_array_written_in_pieces_is_recorded_only_when_complete(tmp_path):
+    """write_array (the extraction's features, filled batch by batch from a spill file): a fill that fails leaves
+    neither the array nor a record of it nor a temporary file; one that completes reads back equal."""
+    ir = Intermediate(tmp_path, {"extract": "fp"})
+    ir.current_stage = "extract"
+    values = np.arange(24, dtype=np.float32).reshape(6, 2, 2)
+
+    def fill_then_fail(out):
+        out[:3] = values[:3]
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        ir.write_array("cProjPC", values.shape, np.float32, fill_then_fail)
+    assert not ir.has("cProjPC") and list(tmp_path.iterdir()) == []
+
+    def fill_in_two_pieces(out):
+        out[:3], out[3:] = values[:3], values[3:]
+
+    ir.write_array("cProjPC", values.shape, np.float32, fill_in_two_pieces)
+    again = Intermediate(tmp_path, {"extract": "fp"})
+    np.testing.assert_array_equal(again.cProjPC, values)

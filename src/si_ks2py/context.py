@@ -145,6 +145,27 @@ class Intermediate:
         self._memory[name] = array
         self._record("arrays", name)
 
+    def write_array(self, name: str, shape: tuple, dtype, fill):
+        """Write a large array without holding it in memory: ``fill(out)`` fills ``out``, a memory-mapped
+        [shape] array in a temporary .npy file that is renamed into place and recorded once ``fill`` returns."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.npy.", suffix=".part", dir=self.folder)
+        os.close(fd)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+            fill(out)
+            out.flush()
+            del out
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.folder / f"{name}.npy")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._memory.pop(name, None)  # read back (memory-mapped when large) on first use
+        self._record("arrays", name)
+
     def keep(self, **arrays):
         """Hold arrays for later stages of this run without writing them (cheap to recompute)."""
         self._memory.update(arrays)

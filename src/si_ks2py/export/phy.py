@@ -45,6 +45,15 @@ def write_tsv(path: Path, column: str, ids, values, fmt: str):
     path.write_text("\n".join(lines) + "\n")
 
 
+def save_rows(path, source, rows: np.ndarray, chunk: int = 2 ** 16):
+    """np.save of ``source[rows]`` as float32, ``chunk`` rows at a time (the features of a long recording need
+    not fit in memory; the cache holds them memory-mapped). rows: [n] int64."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(rows),) + source.shape[1:])
+    for a in range(0, len(rows), chunk):
+        out[a:a + chunk] = source[rows[a:a + chunk]]
+    out.flush()
+
+
 def write_phy(ctx):
     """Write the Phy folder into ctx.output_folder (replacing the files of an earlier export)."""
     folder = Path(ctx.output_folder)
@@ -78,9 +87,9 @@ def write_phy(ctx):
     np.save(folder / "channel_positions.npy", np.column_stack([ir.xc, ir.yc]).astype(np.float64))
     np.save(folder / "channel_shanks.npy", np.asarray(ir.kcoords, dtype=np.int32))
     np.save(folder / "similar_templates.npy", np.asarray(ir.simScore_s, dtype=np.float32))
-    np.save(folder / "template_features.npy", np.asarray(ir.cProj)[rows].astype(np.float32))
+    save_rows(folder / "template_features.npy", ir.cProj, rows)
     np.save(folder / "template_feature_ind.npy", template_feature_ind.astype(np.uint32))
-    np.save(folder / "pc_features.npy", np.asarray(ir.cProjPC)[rows].astype(np.float32))
+    save_rows(folder / "pc_features.npy", ir.cProjPC, rows)
     np.save(folder / "pc_feature_ind.npy", np.asarray(ir.iNeighPC_s, dtype=np.uint32))
     np.save(folder / "whitening_mat.npy", whitening)
     np.save(folder / "whitening_mat_inv.npy", whitening_inv)

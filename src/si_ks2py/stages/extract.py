@@ -8,7 +8,9 @@ the most similar templates) and PC features (on the template's channels).
 
 Outputs (spikes ordered by batch rank, then time, as in Kilosort 2.0): ``st3`` [n, 5] float64 (sample in the
 recording, template, amplitude, score sqrt(cost), rank of the batch in iorig), ``cProj`` [n, Nnearest]
-float32, ``cProjPC`` [n, 3, NchanNear] float32.
+float32, ``cProjPC`` [n, 3, NchanNear] float32. The features of each batch are spilled to a file as they come and
+copied into their arrays in rank order at the end, one batch at a time: host memory does not grow with the
+spike count (about 0.5 kB per spike).
 """
 
 from __future__ import annotations
@@ -57,25 +59,47 @@ def run(ctx):
     wPCA = ops.asarray(np.asarray(ir.wPCA))
     pm = math.exp(-1.0 / p.momentum[1])
     stride, margin = p.NT - p.ntbuff, batch_margin(p)
-    rows, features, pc_features = [], [], []
+    blocks = {}  # batch rank -> (its st3 rows, where its features start in the spill file)
+    spill_path = ir.folder / ".extract_features.part"
     bar = progress_bar(total=p.Nbatch, desc="extract", enabled=ctx.show_progress)
-    for sweep in extraction_sweeps(iorig, int(ir.n_active)):
-        state = {"W": W_mid, "U": U_mid, "mu": mu_mid, "dWU": dWU_mid, "nsp": xp.zeros(len(mu_mid))}
-        for k, raw in batch_prefetch(ctx, data, sweep):
-            batch = noise_units(ctx, raw)
-            st, ids, y, x, residual, feat, W32, U32 = match_and_update(
-                ops, batch, state, fixed, p, int(k), p.Th[-1], pm, feature_templates)
-            pcs = ops.pc_features(residual, st, ids, y, W32, U32, template_channels, wPCA)
-            time = p.t_start + stride * int(k) - margin + st + p.nt0min
-            rows.append(np.column_stack([ops.to_host(time), ops.to_host(ids), ops.to_host(y), ops.to_host(x),
-                                         np.full(len(st), rank_of[k])]).astype(np.float64))
-            features.append(ops.to_host(feat))
-            pc_features.append(ops.to_host(pcs))
-            bar.update()
-    bar.close()
-    st3 = np.concatenate(rows)
-    order = np.lexsort((st3[:, 1], st3[:, 0], st3[:, 4]))  # batch rank, then time, then template
-    logger.info("extract: %d spikes from %d templates", len(st3), len(mu_mid))
-    ir.st3 = st3[order]
-    ir.cProj = np.concatenate(features)[order].astype(np.float32)
-    ir.cProjPC = np.concatenate(pc_features)[order].astype(np.float32)
+    try:
+        with open(spill_path, "w+b") as spill:
+            for sweep in extraction_sweeps(iorig, int(ir.n_active)):
+                state = {"W": W_mid, "U": U_mid, "mu": mu_mid, "dWU": dWU_mid, "nsp": xp.zeros(len(mu_mid))}
+                for k, raw in batch_prefetch(ctx, data, sweep):
+                    batch = noise_units(ctx, raw)
+                    st, ids, y, x, residual, feat, W32, U32 = match_and_update(
+                        ops, batch, state, fixed, p, int(k), p.Th[-1], pm, feature_templates)
+                    pcs = ops.pc_features(residual, st, ids, y, W32, U32, template_channels, wPCA)
+                    time = p.t_start + stride * int(k) - margin + st + p.nt0min
+                    rows = np.column_stack([ops.to_host(time), ops.to_host(ids), ops.to_host(y), ops.to_host(x),
+                                            np.full(len(st), rank_of[k])]).astype(np.float64)
+                    order = np.lexsort((rows[:, 1], rows[:, 0]))  # time, then template
+                    blocks[rank_of[k]] = (rows[order], spill.tell())
+                    spill.write(np.ascontiguousarray(ops.to_host(feat)[order], dtype=np.float32).tobytes())
+                    spill.write(np.ascontiguousarray(ops.to_host(pcs)[order], dtype=np.float32).tobytes())
+                    bar.update()
+            bar.close()
+            ranks = sorted(blocks)
+            st3 = np.concatenate([blocks[r][0] for r in ranks])
+            logger.info("extract: %d spikes from %d templates", len(st3), len(mu_mid))
+            ir.st3 = st3  # spikes by batch rank, then time, then template
+            shapes = {"cProj": (feature_templates.shape[1],), "cProjPC": (wPCA.shape[1], template_channels.shape[1])}
+            for part, (name, shape) in enumerate(shapes.items()):
+                ir.write_array(name, (len(st3),) + shape, np.float32,
+                               lambda out, part=part: gather_blocks(spill, blocks, ranks, shapes, part, out))
+    finally:
+        spill_path.unlink(missing_ok=True)
+
+
+def gather_blocks(spill, blocks: dict, ranks: list, shapes: dict, part: int, out: np.ndarray):
+    """Copy part ``part`` (0: template features, 1: PC features) of every batch's spilled features into ``out``
+    [n, ...] float32, in rank order: one batch in memory at a time."""
+    sizes = [int(np.prod(shape)) for shape in shapes.values()]
+    row = 0
+    for r in ranks:
+        n = len(blocks[r][0])
+        spill.seek(blocks[r][1] + 4 * n * sum(sizes[:part]))
+        values = np.frombuffer(spill.read(4 * n * sizes[part]), dtype=np.float32)
+        out[row:row + n] = values.reshape((n,) + out.shape[1:])
+        row += n
