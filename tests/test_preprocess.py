@@ -13,7 +13,7 @@ from conftest import generate_recording
 def whitened(ctx) -> np.ndarray:
     ir = ctx.intermediate
     data = WhitenedData(ir.file_path("temp_wh.dat"), ctx.params.n_samples, len(ir.chanMap), ctx.params.scaleproc)
-    return data.read(0, ctx.params.n_samples).astype(np.float64)
+    return data.read(ops, 0, ctx.params.n_samples).astype(np.float64)
 
 
 def test_filter_matches_scipy_filtfilt_away_from_edges():

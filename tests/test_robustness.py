@@ -202,3 +202,24 @@ def test_detector_finds_more_spikes_per_batch_than_kilosorts_cap(device):
     assert len(starts) * len(channels) > 10000
     assert len(times) == len(starts) * len(channels)
     np.testing.assert_array_equal(np.unique(chans), channels)
+
+
+def test_batch_distances_in_blocks_of_batches_equal_all_at_once(monkeypatch):
+    """Reordering's batch distances take the batches in blocks (GPU memory independent of the recording's
+    length): the same distances as with all batches in one block."""
+    from si_ks2py.stages import reorder
+
+    rng = np.random.default_rng(9)
+    n_batch, T, n_chan, n_near, n_pcs = 7, 5, 12, 4, 3
+    iC = np.stack([(c + np.arange(n_near)) % n_chan for c in range(n_chan)])
+    neighbours = np.zeros((n_chan, n_chan), dtype=bool)
+    neighbours[np.arange(n_chan)[:, None], iC] = True
+    Ws = rng.normal(size=(n_batch, T, n_near, n_pcs)).astype(np.float32)
+    mus, ns = rng.uniform(5, 20, (n_batch, T)).astype(np.float32), rng.integers(1, 50, (n_batch, T)).astype(np.float32)
+    Whs = rng.integers(0, n_chan, (n_batch, T))
+    args = (np, Ws, mus, ns, Whs, iC, neighbours)
+    monkeypatch.setattr(reorder, "DISTANCE_BLOCK_BYTES", 2 ** 40)
+    whole = reorder.batch_distances(*args)
+    monkeypatch.setattr(reorder, "DISTANCE_BLOCK_BYTES", 2 * 4 * T * n_chan * n_pcs)  # two batches per block
+    np.testing.assert_allclose(reorder.batch_distances(*args), whole, rtol=1e-6)
+    assert np.isfinite(whole).all() and (whole > 0).any()

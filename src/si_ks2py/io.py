@@ -163,36 +163,48 @@ def large_host_array(shape, dtype) -> np.ndarray:
 
 
 class WhitenedData:
-    """The whitened int16 data ``[n_samples, Nchan]``, read as float32 batches (divided by scaleproc).
+    """The whitened int16 data ``[n_samples, Nchan]``.
 
-    ``source`` is the path of the whitened file or an in-memory int16 array of the same shape.
+    ``source`` is the path of the whitened file or an in-memory int16 array of the same shape. The file is read
+    with preadv into the caller's buffers, not memory-mapped: its pages stay in the page cache, which the system
+    reclaims, and never count in the process's memory.
     """
 
     def __init__(self, source, n_samples: int, n_channels: int, scaleproc: float):
-        if isinstance(source, (str, Path)):
-            self.data = np.memmap(source, dtype=np.int16, mode="r", shape=(n_samples, n_channels))
-        else:
-            self.data = source
+        self.path = Path(source) if isinstance(source, (str, Path)) else None
+        self.data = None if self.path is not None else source
         self.n_samples = n_samples
         self.n_channels = n_channels
         self.scaleproc = float(scaleproc)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """int16 rows [start, stop) with zeros where the range leaves the data, [stop - start, Nchan] (a read-only
-        view when the range is inside the data)."""
-        if 0 <= start and stop <= self.n_samples:
-            view = self.data[start:stop]
-            view.flags.writeable = False
-            return view
-        out = np.zeros((stop - start, self.n_channels), dtype=np.int16)
+    def _copy_rows(self, out: np.ndarray, start: int):
+        """Rows [start, start + len(out)) of the data (inside it) into ``out`` [n, Nchan] int16."""
+        if self.data is not None:
+            out[:] = self.data[start:start + len(out)]
+            return
+        row = 2 * self.n_channels
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            n_read = os.preadv(fd, [memoryview(out).cast("B")], start * row)
+        finally:
+            os.close(fd)
+        if n_read != out.nbytes:
+            raise OSError(f"{self.path}: read {n_read} bytes at sample {start}, expected {out.nbytes}")
+
+    def read(self, ops, start: int, stop: int) -> np.ndarray:
+        """int16 rows [start, stop) with zeros where the range leaves the data, [stop - start, Nchan], in a host
+        buffer ready for a fast transfer to the device of ``ops`` (``ops.empty_staged``)."""
+        out = ops.empty_staged((stop - start, self.n_channels), np.int16)
         a, b = max(0, start), min(self.n_samples, stop)
+        if a > start or b < stop:
+            out[:] = 0
         if b > a:
-            out[a - start:b - start] = self.data[a:b]
+            self._copy_rows(out[a - start:b - start], a)
         return out
 
-    def batch(self, k: int, stride: int, margin: int) -> np.ndarray:
+    def batch(self, ops, k: int, stride: int, margin: int) -> np.ndarray:
         """int16 samples ``[stride*k - margin, stride*(k+1) + margin)``, [stride + 2*margin, Nchan]."""
-        return self.read(stride * k - margin, stride * (k + 1) + margin)
+        return self.read(ops, stride * k - margin, stride * (k + 1) + margin)
 
 
 def whitened_fits_in_memory(n_bytes: int) -> bool:
@@ -234,4 +246,4 @@ def batch_prefetch(ctx, data: WhitenedData, batches):
     """Yield (k, int16 batch k with margins) with the next batch read (and staged for the device) in the
     background."""
     p = ctx.params
-    return prefetch(lambda k: ctx.ops.staged(data.batch(k, p.NT - p.ntbuff, batch_margin(p))), batches)
+    return prefetch(lambda k: data.batch(ctx.ops, k, p.NT - p.ntbuff, batch_margin(p)), batches)

@@ -27,6 +27,9 @@ from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
 
+#: float32 bytes of the dense templates of one block of batches in batch_distances
+DISTANCE_BLOCK_BYTES = 2 ** 27
+
 OUTPUTS = ("iorig", "n_active", "ccb", "ccbsort")
 FILES = ()
 FILE_INPUTS = ("temp_wh.dat",)
@@ -116,23 +119,33 @@ def cluster_batch(xp, features, centre, iC, neighbours, n_clusters: int, rng):
     return own, mu, nsp, best_channel
 
 
+def dense_batch_templates(xp, Ws, Whs, iC, a: int, b: int):
+    """The templates of batches a..b-1 on all channels: [(b - a) * T, Nchan * nPCs] float32."""
+    _, T, n_near, n_pcs = Ws.shape
+    rows = (b - a) * T
+    dense = xp.zeros((rows, iC.shape[0], n_pcs), dtype=xp.float32)
+    dense[xp.arange(rows)[:, None], iC[Whs[a:b].reshape(-1)]] = Ws[a:b].reshape(rows, n_near, n_pcs)
+    return dense.reshape(rows, -1)
+
+
 def batch_distances(xp, Ws, mus, ns, Whs, iC, neighbours):
     """mexDistances2.cu + ccb: [Nbatch, Nbatch] spike-weighted mean distance of batch b's templates to their
-    closest template of batch i (or to zero), ``ccb[i, b]``."""
-    n_batch, T, n_near, n_pcs = Ws.shape
-    n_chan = iC.shape[0]
-    flat = n_batch * T
-    dense = xp.zeros((flat, n_chan, n_pcs), dtype=xp.float32)
-    dense[xp.arange(flat)[:, None], iC[Whs.reshape(-1)]] = Ws.reshape(flat, n_near, n_pcs)
-    dense = dense.reshape(flat, -1)
-    mus_all, wh_all = mus.reshape(-1), Whs.reshape(-1)
+    closest template of batch i (or to zero), ``ccb[i, b]``. The batches b are taken in blocks whose dense
+    templates take at most DISTANCE_BLOCK_BYTES: GPU memory does not grow with the recording's length."""
+    n_batch, T, _, n_pcs = Ws.shape
+    block = max(1, DISTANCE_BLOCK_BYTES // (4 * T * iC.shape[0] * n_pcs))
     ccb = xp.zeros((n_batch, n_batch), dtype=xp.float64)
-    for i in range(n_batch):
-        xs = dense @ dense[i * T:(i + 1) * T].T  # [flat, T]
-        d = mus[i][None, :] ** 2 + mus_all[:, None] ** 2 - 2 * mus_all[:, None] * mus[i][None, :] * xs
-        d = xp.where(neighbours[wh_all][:, Whs[i]], d, xp.inf)
-        ds = xp.maximum(xp.minimum(mus_all ** 2, d.min(axis=1)), 0).reshape(n_batch, T)
-        ccb[i] = (xp.sqrt(ds) * ns).sum(axis=1) / ns.sum(axis=1)
+    for a in range(0, n_batch, block):
+        b = min(n_batch, a + block)
+        dense = dense_batch_templates(xp, Ws, Whs, iC, a, b)
+        mus_block, wh_block = mus[a:b].reshape(-1), Whs[a:b].reshape(-1)
+        near = neighbours[wh_block]
+        for i in range(n_batch):
+            xs = dense @ dense_batch_templates(xp, Ws, Whs, iC, i, i + 1).T  # [(b - a) * T, T]
+            d = mus[i][None, :] ** 2 + mus_block[:, None] ** 2 - 2 * mus_block[:, None] * mus[i][None, :] * xs
+            d = xp.where(near[:, Whs[i]], d, xp.inf)
+            ds = xp.maximum(xp.minimum(mus_block ** 2, d.min(axis=1)), 0).reshape(b - a, T)
+            ccb[i, a:b] = (xp.sqrt(ds) * ns[a:b]).sum(axis=1) / ns[a:b].sum(axis=1)
     return ccb
 
 

@@ -34,9 +34,9 @@ FILES = ()
 FILE_INPUTS = ()
 
 MIN_SPIKES = 300
-#: float64 feature bytes of one group of clusters pursued together (the largest buffers are a few copies of it);
+#: float64 feature bytes of one group of clusters pursued together (the GPU holds about ten buffers of this size);
 #: a cluster larger than this alone is pursued on the host
-GROUP_BYTES = 2 ** 28
+GROUP_BYTES = 2 ** 27
 
 
 def solve_directions(ops, StS, StMu, w, active: np.ndarray):
@@ -207,6 +207,7 @@ def split_chains(ops, features, rows: list, times: np.ndarray, wPCA, from_mean: 
             clp0 = np.asarray(features[np.concatenate(group_rows)]).reshape(-1, d)
             results = try_splits(group_ops, clp0, [len(r) for r in group_rows], [times[r] for r in group_rows],
                                  wPCA, from_mean, auc_split, pool)
+            group_ops.release_memory()  # the next group's buffers have other sizes
             for i, r, result in zip(group, group_rows, results):
                 if result is None:
                     continue
