@@ -120,10 +120,10 @@ def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, 
     xcorr = tm.neighbor_xcorr(W32, U32, neighbors)
     st, ids, y, x, residual, feat = ops.match_pursuit(data, W32, U32, mu32, neighbors, xcorr, threshold,
                                                       params.lam, params.nInnerIter, features)
-    mine = owned_spikes(st + params.nt0min, params, k)
+    mine = xp.flatnonzero(owned_spikes(st + params.nt0min, params, k))  # indices: one count, not one per array
     st, ids, y, x = st[mine], ids[mine], y[mine], x[mine]
     feat = None if feat is None else feat[mine]
-    good = x > params.Th[0]  # only confident spikes update the templates, in every phase
+    good = xp.flatnonzero(x > params.Th[0])  # only confident spikes update the templates, in every phase
     dWU0, nsp0 = ops.accumulate_templates(residual, st[good], ids[good], y[good], W32, U32, len(W))
     state["dWU"], state["nsp"] = template_update(state["dWU"], state["nsp"], dWU0, nsp0.astype(xp.float64), pm,
                                                  params.p1)

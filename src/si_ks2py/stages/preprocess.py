@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import signal
+from threadpoolctl import threadpool_limits
 
 from ..io import RecordingReader, chunk_windows, large_host_array, whitened_fits_in_memory
 from ..progress import progress_bar
@@ -102,24 +103,27 @@ def get_good_channels(ops, reader: RecordingReader, params) -> np.ndarray:
 
 
 def whitening_from_covariance(cc: np.ndarray) -> np.ndarray:
-    """whiteningFromCovariance.m: symmetric ZCA whitener E diag(1/sqrt(d + 1e-6)) E' of a covariance (float64)."""
+    """whiteningFromCovariance.m: symmetric ZCA whitener E diag(1/sqrt(d + 1e-6)) E' of a covariance (float64);
+    cc may be a stack [..., n, n] of covariances."""
     d, e = np.linalg.eigh(cc)
-    return (e / np.sqrt(np.maximum(d, 0) + 1e-6)) @ e.T
+    return (e / np.sqrt(np.maximum(d, 0) + 1e-6)[..., None, :]) @ np.swapaxes(e, -1, -2)
 
 
 def whitening_local(cc: np.ndarray, xc: np.ndarray, yc: np.ndarray, n_range: int) -> np.ndarray:
     """whiteningLocal.m: column j of Wrot whitens channel j using its n_range nearest channels, [Nchan, Nchan].
 
     Output channel j = sum_i data[:, i] * Wrot[i, j]; Wrot is zero outside j's neighbourhood and not symmetric.
+    The channels' local whiteners come from one batched eigendecomposition.
     """
     n_chan = len(xc)
     n_range = min(n_range, n_chan)
+    distance = (xc[None, :] - xc[:, None]) ** 2 + (yc[None, :] - yc[:, None]) ** 2  # [j, i]
+    np.fill_diagonal(distance, -1)  # the channel itself first, even if another one shares its position
+    local = np.argsort(distance, axis=1, kind="stable")[:, :n_range]  # [Nchan, n_range]
+    with threadpool_limits(limits=1, user_api="blas"):  # small matrices: BLAS threads only contend
+        whiteners = whitening_from_covariance(cc[local[:, :, None], local[:, None, :]])
     wrot = np.zeros((n_chan, n_chan))
-    for j in range(n_chan):
-        distance = (xc - xc[j]) ** 2 + (yc - yc[j]) ** 2
-        distance[j] = -1  # the channel itself first, even if another one shares its position
-        local = np.argsort(distance, kind="stable")[:n_range]
-        wrot[local, j] = whitening_from_covariance(cc[np.ix_(local, local)])[:, 0]
+    wrot[local, np.arange(n_chan)[:, None]] = whiteners[:, :, 0]
     return wrot
 
 

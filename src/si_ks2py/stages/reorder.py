@@ -101,17 +101,18 @@ def cluster_batch(xp, features, centre, iC, neighbours, n_clusters: int, rng):
     dense[xp.arange(n)[:, None], iC[centre]] = features
     dense = dense.reshape(n, -1)
     W = dense[xp.asarray(rng.permutation(n)[:n_clusters])]
+    near = neighbours[centre]  # [n, Nchan]
+    clusters = xp.arange(n_clusters)
     for it in range(11):
         mu = xp.sqrt((W ** 2).sum(axis=1))
         W = W / (1e-5 + mu[:, None])
         best_channel = (W.reshape(n_clusters, n_chan, n_pcs)[:, :, 0] ** 2).argmax(axis=1)
         if it == 10:
             break
-        score = xp.maximum(dense @ W.T, 0) ** 2 * neighbours[centre][:, best_channel]
+        score = xp.maximum(dense @ W.T, 0) ** 2 * near[:, best_channel]
         assigned = score.max(axis=1) > 0
-        ids = score.argmax(axis=1)
-        onehot = xp.zeros((n, n_clusters), dtype=xp.float32)
-        onehot[xp.arange(n)[assigned], ids[assigned]] = 1
+        # a comparison, not a boolean index: no wait for the GPU to count the assigned spikes
+        onehot = ((score.argmax(axis=1)[:, None] == clusters[None, :]) & assigned[:, None]).astype(xp.float32)
         nsp = onehot.sum(axis=0)
         W = (onehot.T @ dense) / (1e-5 + nsp[:, None])
     own = W.reshape(n_clusters, n_chan, n_pcs)[xp.arange(n_clusters)[:, None], iC[best_channel]]
@@ -219,8 +220,9 @@ def run(ctx):
     for k, (read, raw) in enumerate(batch_prefetch(ctx, data, batches)):
         S = noise_units(ctx, raw)
         t, c, features = ops.pc_threshold_spikes(S, wPCA, iC_d, p.ThPre, p.nt0min)
-        own = owned_spikes(t + p.nt0min, p, read)  # the batch read (the last one stands in for the final batch)
-        counts[k] = int(own.sum())
+        # the batch read (the last one stands in for the final batch); indices: one count for all the selections
+        own = xp.flatnonzero(owned_spikes(t + p.nt0min, p, read))
+        counts[k] = len(own)
         if counts[k] > n_clusters:
             previous = cluster_batch(xp, features[own], c[own], iC_d, neighbours_d, n_clusters, rng)
         if previous is not None:
