@@ -51,7 +51,6 @@ def save_rows(path, source, rows: np.ndarray, chunk: int = 2 ** 16):
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(rows),) + source.shape[1:])
     for a in range(0, len(rows), chunk):
         out[a:a + chunk] = source[rows[a:a + chunk]]
-    out.flush()
 
 
 def write_phy(ctx):
