@@ -1,6 +1,6 @@
 """CuPy ops (same names, signatures and outputs as the NumPy twins in si_ks2py.cpu.ops).
 
-Kernels live in the .cu files of this package (preprocess.cu, detect.cu, pursuit.cu) and are compiled once per
+Kernels live in the .cu files of this package (preprocess.cu, detect.cu, pursuit.cu, split.cu) and are compiled once per
 process with cupy.RawModule (CuPy also caches the binaries on disk). Matrix products go through cuBLAS (``@``).
 
 Memory depends on the batch size n, the channel count C and the template count K only: the largest buffers are
