@@ -32,7 +32,9 @@ PHY_FILES = ("spike_times.npy", "spike_templates.npy", "spike_clusters.npy", "am
 def cluster_amplitudes(templates, whitening_inv, template_of_spike, amplitudes, n_templates, gain):
     """tempAmps of rezToPhy.m: mean over a cluster's spikes of (peak-to-peak of its unwhitened template x the
     spike's amplitude), times gain; 0 for clusters without spikes."""
-    unwhitened = templates @ whitening_inv  # [K, nt, Nchan]
+    K, nt, n_chan = templates.shape
+    # one float64 product of the stacked rows (a float32 stack times a float64 matrix takes NumPy's slow loop)
+    unwhitened = (templates.reshape(-1, n_chan).astype(np.float64) @ whitening_inv).reshape(K, nt, n_chan)
     peak_to_peak = (unwhitened.max(axis=1) - unwhitened.min(axis=1)).max(axis=1)
     spike_amplitude = peak_to_peak[template_of_spike] * amplitudes
     total = np.bincount(template_of_spike, weights=spike_amplitude, minlength=n_templates)
