@@ -57,6 +57,16 @@ def test_read_kilosort_agrees_with_returned_sorting(demo_sort):
     assert list(good.unit_ids) == list(sorting.unit_ids[sorting.get_property("KSLabel") == "good"])
 
 
+def test_extraction_leaves_its_features_complete_and_no_spill_file(demo_sort):
+    """Extraction spills each batch's features to a file and copies them into place at the end: the cache holds
+    one feature row per spike and no temporary file."""
+    cache = output(demo_sort) / "cache"
+    n_spikes = len(np.load(cache / "st3.npy"))
+    assert np.load(cache / "cProjPC.npy", mmap_mode="r").shape[0] == n_spikes
+    assert np.load(cache / "cProj.npy", mmap_mode="r").shape[0] == n_spikes
+    assert sorted(p.name for p in cache.glob(".*")) == []
+
+
 def test_phy_files_have_kilosort_dtypes_and_shapes(demo_sort):
     folder = output(demo_sort)
     load = lambda name: np.load(folder / f"{name}.npy")  # noqa: E731
