@@ -114,11 +114,12 @@ def top_principal_axes(ops, clp, counts: np.ndarray) -> np.ndarray:
     """[S, d]: each segment's first left singular vector of clp.T (Kilosort's svd), from the eigenvectors of its
     small [d, d] Gram matrix; its sign is fixed (largest component positive) so the result does not depend on
     the LAPACK build. Zero for a segment whose Gram matrix is not finite."""
-    gram = ops.to_host(ops.segment_gram(clp, counts, ops.xp.ones(len(clp))))
+    xp = ops.xp
+    gram = ops.segment_gram(clp, counts, xp.ones(len(clp)))
     axes = np.zeros(gram.shape[:2])
-    finite = np.isfinite(gram).all(axis=(1, 2))
-    if finite.any():
-        axes[finite] = np.linalg.eigh(gram[finite])[1][:, :, -1]
+    finite = np.flatnonzero(ops.to_host(xp.isfinite(gram).all(axis=(1, 2))))
+    if len(finite):  # batched on the device of ops
+        axes[finite] = ops.to_host(xp.linalg.eigh(gram[xp.asarray(finite)])[1][:, :, -1])
     sign = np.where(np.take_along_axis(axes, np.abs(axes).argmax(axis=1)[:, None], axis=1) >= 0, 1.0, -1.0)
     return axes * sign
 
@@ -284,10 +285,15 @@ def run(ctx):
             features, *state, iC, iW, wPCA, p.fs, p.AUCsplit, from_mean, n_workers, ctx.ops)
         state = (st3, dWU, W, sim, ineigh, ineigh_pc, parent)
         logger.info("split (%s): %d splits", "mean" if from_mean else "PC", n_splits)
+    ops = ctx.ops  # the templates are re-factorised and compared on the device
     Ka, Kb = tm.alignment_kernels(p.nt0, p.nt0min)
-    W, U, mu = tm.svd_templates(dWU, W, iC, iW, Ka, Kb, p.nt0min)
+    iC_d, iW_d = ops.asarray(iC), ops.asarray(iW)
+    W, U, mu = tm.svd_templates(ops.asarray(dWU), ops.asarray(W), iC_d, iW_d, ops.asarray(Ka), ops.asarray(Kb),
+                                p.nt0min)
     siblings = sim == 1
-    sim = tm.similarity(W.astype(np.float32), U.astype(np.float32), iC, iW, n_chan, n_near)["simScore"]
+    sim = ops.to_host(tm.similarity(W.astype(ops.xp.float32), U.astype(ops.xp.float32), iC_d, iW_d, n_chan,
+                                    n_near)["simScore"])
+    W, U, mu = (ops.to_host(a) for a in (W, U, mu))
     sim[siblings] = 1
     ir.st3_s, ir.W_s, ir.U_s, ir.mu_s, ir.dWU_s = st3, W, U, mu, dWU
     ir.simScore_s = sim
