@@ -23,6 +23,21 @@ def test_correlogram_matches_brute_force():
     np.testing.assert_array_equal(correlogram(a, b), expected)
 
 
+def test_correlogram_of_sample_times_matches_brute_force_at_half_bins_and_window_edges():
+    """Times on the 30 kHz sample grid put lags exactly on half bins (rounded away from zero) and on the window's
+    edges (a pair counts when st2 - window < st1 < st2 + window, as the searchsorted bounds of ccg.m's port)."""
+    rng = np.random.default_rng(7)
+    a = np.sort(np.round(rng.uniform(0, 20, 700) * FS) / FS)
+    b = np.sort(np.concatenate([a[:50] + 0.5, a[50:100] - 0.5, a[100:150] + 0.0005, a[150:200] - 0.0015,
+                                np.round(rng.uniform(0, 20, 300) * FS) / FS]))
+    first, second = np.meshgrid(a, b)
+    inside = (first > second - 0.5) & (first < second + 0.5)
+    lags = (second - first)[inside] / 1e-3
+    expected = np.bincount((np.sign(lags) * np.floor(np.abs(lags) + 0.5)).astype(int) + 500, minlength=1001)
+    np.testing.assert_array_equal(correlogram(a, b), expected)
+    assert expected[[0, 1000]].sum() + np.isin(np.abs(lags), [0.5, 1.5]).sum() > 0  # the edge cases occur
+
+
 def test_refractoriness_separates_one_neuron_from_two():
     rng = np.random.default_rng(1)
     one = refractory_train(rng)
