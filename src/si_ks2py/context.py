@@ -46,20 +46,28 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _atomic_write(path: Path, write):
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
+@contextlib.contextmanager
+def _atomic_path(path: Path):
+    """Yield a temporary path beside ``path`` to write; when the block completes, the file is synced to disk and
+    renamed into place; on an error it is removed."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs should read like any other file
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs should read like any other file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _atomic_write(path: Path, write):
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
+    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 class Intermediate:
@@ -148,21 +156,11 @@ class Intermediate:
     def write_array(self, name: str, shape: tuple, dtype, fill):
         """Write a large array without holding it in memory: ``fill(out)`` fills ``out``, a memory-mapped
         [shape] array in a temporary .npy file that is renamed into place and recorded once ``fill`` returns."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.npy.", suffix=".part", dir=self.folder)
-        os.close(fd)
-        try:
+        with _atomic_path(self.folder / f"{name}.npy") as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
             fill(out)
             out.flush()
             del out
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.folder / f"{name}.npy")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         self._memory.pop(name, None)  # read back (memory-mapped when large) on first use
         self._record("arrays", name)
 

@@ -104,7 +104,7 @@ def autocorrelograms_by_level(times: np.ndarray, clusters: np.ndarray, levels: n
         lag = b_times - st[a]
         lag /= bin_size
         lag += 0.5
-        key = lag.astype(np.int64)  # lag >= 0: truncation rounds half up, as lag_bins does
+        key = lag.astype(np.int64)  # lag >= 0: truncation rounds half up, as correlogram's bins do
         key += np.maximum(block[a], b_blocks)
         return key
 

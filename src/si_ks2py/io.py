@@ -41,6 +41,18 @@ def binary_source(recording):
     return None
 
 
+def read_rows(path, out: np.ndarray, offset: int, first_row: int):
+    """Fill ``out`` [n, C] with rows first_row.. of a file of C-column time rows starting at byte ``offset``, by
+    one preadv straight into ``out`` (no memory map); OSError when the file is short."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n_read = os.preadv(fd, [memoryview(out).cast("B")], offset + first_row * out.itemsize * out.shape[1])
+    finally:
+        os.close(fd)
+    if n_read != out.nbytes:
+        raise OSError(f"{path}: read {n_read} bytes at sample {first_row}, expected {out.nbytes}")
+
+
 class RecordingReader:
     """Reads ranges of the sorted part ``[t_start, t_stop)`` of one recording segment.
 
@@ -92,14 +104,7 @@ class RecordingReader:
         start, stop = self.clip(start, stop)
         path, dtype, offset = self.binary
         traces = ops.empty_staged((stop - start, self.recording.get_num_channels()), dtype)
-        row = traces.itemsize * traces.shape[1]
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            n_read = os.preadv(fd, [memoryview(traces).cast("B")], offset + (self.t_start + start) * row)
-        finally:
-            os.close(fd)
-        if n_read != traces.nbytes:
-            raise OSError(f"{path}: read {n_read} bytes at sample {self.t_start + start}, expected {traces.nbytes}")
+        read_rows(path, traces, offset, self.t_start + start)
         return self.checked(traces, start)
 
     def prefetch(self, ops, items, read_range=lambda item: item):
@@ -182,14 +187,7 @@ class WhitenedData:
         if self.data is not None:
             out[:] = self.data[start:start + len(out)]
             return
-        row = 2 * self.n_channels
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            n_read = os.preadv(fd, [memoryview(out).cast("B")], start * row)
-        finally:
-            os.close(fd)
-        if n_read != out.nbytes:
-            raise OSError(f"{self.path}: read {n_read} bytes at sample {start}, expected {out.nbytes}")
+        read_rows(self.path, out, 0, start)
 
     def read(self, ops, start: int, stop: int) -> np.ndarray:
         """int16 rows [start, stop) with zeros where the range leaves the data, [stop - start, Nchan], in a host

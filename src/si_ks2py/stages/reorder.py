@@ -86,6 +86,15 @@ def extract_pc_from_snippets(ctx, data, n_pcs: int) -> np.ndarray:
     return waveform_pcs(ops, cc, n_pcs, p.nt0min)
 
 
+def on_all_channels(xp, values, centre, iC):
+    """values [n, NchanNear, nPCs] on the nearest channels iC[centre] of each row, placed on all channels:
+    [n, Nchan * nPCs] float32 (zero elsewhere)."""
+    n, _, n_pcs = values.shape
+    dense = xp.zeros((n, iC.shape[0], n_pcs), dtype=xp.float32)
+    dense[xp.arange(n)[:, None], iC[centre]] = values
+    return dense.reshape(n, -1)
+
+
 def cluster_batch(xp, features, centre, iC, neighbours, n_clusters: int, rng):
     """One batch's k-means in PC space (initializeWdata2.m + mexClustering2.cu, 10 iterations).
 
@@ -97,9 +106,7 @@ def cluster_batch(xp, features, centre, iC, neighbours, n_clusters: int, rng):
     """
     n, _, n_pcs = features.shape
     n_chan = iC.shape[0]
-    dense = xp.zeros((n, n_chan, n_pcs), dtype=xp.float32)
-    dense[xp.arange(n)[:, None], iC[centre]] = features
-    dense = dense.reshape(n, -1)
+    dense = on_all_channels(xp, features, centre, iC)
     W = dense[xp.asarray(rng.permutation(n)[:n_clusters])]
     near = neighbours[centre]  # [n, Nchan]
     clusters = xp.arange(n_clusters)
@@ -120,15 +127,6 @@ def cluster_batch(xp, features, centre, iC, neighbours, n_clusters: int, rng):
     return own, mu, nsp, best_channel
 
 
-def dense_batch_templates(xp, Ws, Whs, iC, a: int, b: int):
-    """The templates of batches a..b-1 on all channels: [(b - a) * T, Nchan * nPCs] float32."""
-    _, T, n_near, n_pcs = Ws.shape
-    rows = (b - a) * T
-    dense = xp.zeros((rows, iC.shape[0], n_pcs), dtype=xp.float32)
-    dense[xp.arange(rows)[:, None], iC[Whs[a:b].reshape(-1)]] = Ws[a:b].reshape(rows, n_near, n_pcs)
-    return dense.reshape(rows, -1)
-
-
 def batch_distances(xp, Ws, mus, ns, Whs, iC, neighbours):
     """mexDistances2.cu + ccb: [Nbatch, Nbatch] spike-weighted mean distance of batch b's templates to their
     closest template of batch i (or to zero), ``ccb[i, b]``. The batches b are taken in blocks whose dense
@@ -138,11 +136,11 @@ def batch_distances(xp, Ws, mus, ns, Whs, iC, neighbours):
     ccb = xp.zeros((n_batch, n_batch), dtype=xp.float64)
     for a in range(0, n_batch, block):
         b = min(n_batch, a + block)
-        dense = dense_batch_templates(xp, Ws, Whs, iC, a, b)
+        dense = on_all_channels(xp, Ws[a:b].reshape(-1, *Ws.shape[2:]), Whs[a:b].reshape(-1), iC)
         mus_block, wh_block = mus[a:b].reshape(-1), Whs[a:b].reshape(-1)
         near = neighbours[wh_block]
         for i in range(n_batch):
-            xs = dense @ dense_batch_templates(xp, Ws, Whs, iC, i, i + 1).T  # [(b - a) * T, T]
+            xs = dense @ on_all_channels(xp, Ws[i], Whs[i], iC).T  # [(b - a) * T, T]
             d = mus[i][None, :] ** 2 + mus_block[:, None] ** 2 - 2 * mus_block[:, None] * mus[i][None, :] * xs
             d = xp.where(near[:, Whs[i]], d, xp.inf)
             ds = xp.maximum(xp.minimum(mus_block ** 2, d.min(axis=1)), 0).reshape(b - a, T)
