@@ -21,6 +21,7 @@ placed at known times, with the W/U/mu shapes of the stages and neighbours/xcorr
   away from the windows of unmatched spikes.
 - accumulate_templates sums in float64 in the same spike order: rtol 1e-6 (the float32 templates W U' that
   it adds may round differently in their last bit); counts are equal. pc_features: VALUE_RTOL.
+- row_median is exact (it sorts the same float32 values).
 - Every new GPU op is deterministic: two calls give bitwise equal outputs.
 - End to end (preprocess to extract, 20 s, 32 channels, 8 units) the GPU run's spike count is within 2% of the
   CPU run's and both find the same number of ground-truth units at accuracy >= 0.8.
@@ -61,6 +62,14 @@ def test_filtfilt_zero_state(gpu, band):
     expected = cpu.filtfilt_zero_state(x, b, a)
     got = gpu.to_host(gpu.filtfilt_zero_state(gpu.asarray(x), b, a))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 32, 383, 384, 1000])
+def test_row_median(gpu, C):
+    rng = np.random.default_rng(C)
+    x = rng.normal(size=(3000, C)).astype(np.float32)
+    x[::7] = np.round(x[::7])  # rows with ties
+    np.testing.assert_array_equal(gpu.to_host(gpu.row_median(gpu.asarray(x))), cpu.row_median(x))
 
 
 @pytest.mark.parametrize("axis, hw", [(0, 30), (0, 5), (1, 4), (1, 6)])

@@ -58,6 +58,12 @@ def running_min(x, half_width: int, axis: int):
     return ndimage.minimum_filter1d(x, 2 * half_width + 1, axis=axis, mode="constant", cval=np.inf)
 
 
+def row_median(x):
+    """Median of each row of x [n, C] float32 (the common median reference over channels): [n, 1] float32; for an
+    even C the mean of the two middle values."""
+    return np.median(np.asarray(x, dtype=np.float32), axis=1, keepdims=True)
+
+
 def running_sum(x, half_width: int, axis: int):
     """Sum over a window of +-half_width along ``axis``, zero beyond the edges (my_sum.m). x: 2-D float32."""
     c = np.cumsum(np.asarray(x, dtype=np.float64), axis=axis)

@@ -178,6 +178,23 @@ def running_sum(x, half_width: int, axis: int):
     return _running_window(x, half_width, axis, False)
 
 
+_MEDIAN_MAX_SORT = 8192  # values a block sorts in shared memory (32 kB); longer rows go to cupy.median
+
+
+def row_median(x):
+    """See si_ks2py.cpu.ops.row_median (one block per row sorts it in shared memory: CuPy's median sorts the whole
+    batch with a global merge sort, several times slower)."""
+    x = _f32(x)
+    n, C = x.shape
+    P = 1 << max(0, (C - 1).bit_length())
+    if P > _MEDIAN_MAX_SORT:
+        return cp.median(x, axis=1, keepdims=True)
+    med = cp.empty((n, 1), dtype=cp.float32)
+    if n and C:
+        _launch("preprocess", "row_median", (n,), (128,), (x, med, _i32(C), _i32(P)), 4 * P)
+    return med
+
+
 def correlate_valid(x, filters):
     """See si_ks2py.cpu.ops.correlate_valid (here a direct sum over the nt0 taps, not an FFT)."""
     x, filters = _f32(x), _f32(filters)

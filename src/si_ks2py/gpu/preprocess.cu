@@ -104,3 +104,25 @@ extern "C" __global__ void running_window(const float* __restrict__ x, float* __
     }
     y[i] = acc;
 }
+
+// Median of each row of x [n, C] (the common median reference): one block per row sorts the row in shared memory
+// with a bitonic network over P (a power of two >= C) values, padded with +inf; for an even C the mean of the two
+// middle values, as NumPy's median. med: [n].
+extern "C" __global__ void row_median(const float* __restrict__ x, float* __restrict__ med, const int C, const int P)
+{
+    extern __shared__ float v[];
+    const float* row = x + (size_t)blockIdx.x * C;
+    for (int i = threadIdx.x; i < P; i += blockDim.x) v[i] = i < C ? row[i] : __int_as_float(0x7f800000);
+    __syncthreads();
+    for (int k = 2; k <= P; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int pair = threadIdx.x; pair < P / 2; pair += blockDim.x) {
+                const int i = 2 * j * (pair / j) + pair % j;  // the lower index of a pair at distance j
+                const float a = v[i], b = v[i + j];
+                if ((a > b) == ((i & k) == 0)) { v[i] = b; v[i + j] = a; }
+            }
+            __syncthreads();
+        }
+    }
+    if (threadIdx.x == 0) med[blockIdx.x] = (C & 1) ? v[C / 2] : 0.5f * (v[C / 2 - 1] + v[C / 2]);
+}

@@ -59,7 +59,7 @@ def filter_traces(ops, traces, params, coefficients):
     x = ops.asarray(traces).astype(xp.float32)
     x -= column_sums(xp, x) / xp.float32(max(len(x), 1))
     if params.CAR and x.shape[1] >= 3:  # the median of one or two channels is (half) the signal itself
-        x -= xp.median(x, axis=1, keepdims=True)
+        x -= ops.row_median(x)
     return ops.filtfilt_zero_state(x, *coefficients)
 
 

@@ -29,6 +29,8 @@ logger = logging.getLogger("si_ks2py")
 
 #: float32 bytes of the dense templates of one block of batches in batch_distances
 DISTANCE_BLOCK_BYTES = 2 ** 27
+#: bytes of the padded dense features (and neighbour masks) of the batches that cluster_batches takes at once
+CLUSTER_GROUP_BYTES = 2 ** 28
 
 OUTPUTS = ("iorig", "n_active", "ccb", "ccbsort")
 FILES = ()
@@ -95,35 +97,46 @@ def on_all_channels(xp, values, centre, iC):
     return dense.reshape(n, -1)
 
 
-def cluster_batch(xp, features, centre, iC, neighbours, n_clusters: int, rng):
-    """One batch's k-means in PC space (initializeWdata2.m + mexClustering2.cu, 10 iterations).
+def cluster_batches(xp, features, centres, counts, iC, neighbours, n_clusters: int, seeds):
+    """Each batch's k-means in PC space (initializeWdata2.m + mexClustering2.cu, 10 iterations), for a group of
+    batches at once: the batches' spikes are padded to a common count and every step is one batched array op, so
+    the number of kernel launches does not grow with the group.
 
-    features: [n, NchanNear, nPCs] float32 (device); centre: [n] spike channels; iC: [Nchan, NchanNear];
-    neighbours: [Nchan, Nchan] bool, c' among the nearest channels of c. A spike is scored against the templates
-    whose best channel is among its nearest channels, by ``max(0, <features, template>)^2``; spikes without a
-    positive score stay unassigned (Kilosort put them in cluster 0). Returns (W0 [T, NchanNear, nPCs] unit-norm
-    templates on their own channels, mu [T], nsp [T], best channel [T]) as device arrays.
+    features: [N, NchanNear, nPCs] float32 (device), the spikes of G batches one batch after another; centres: [N]
+    spike channels; counts: [G] host int, spikes per batch; iC: [Nchan, NchanNear]; neighbours: [Nchan, Nchan]
+    bool, c' among the nearest channels of c; seeds: [G, n_clusters] host int, the spikes (within their batch)
+    that start the templates. A spike is scored against the templates whose best channel is among its nearest
+    channels, by ``max(0, <features, template>)^2``; spikes without a positive score (and the padding) stay
+    unassigned (Kilosort put them in cluster 0). Returns (W0 [G, T, NchanNear, nPCs] unit-norm templates on their
+    own channels, mu [G, T], nsp [G, T], best channel [G, T]) as device arrays.
     """
-    n, _, n_pcs = features.shape
-    n_chan = iC.shape[0]
-    dense = on_all_channels(xp, features, centre, iC)
-    W = dense[xp.asarray(rng.permutation(n)[:n_clusters])]
-    near = neighbours[centre]  # [n, Nchan]
+    G, n_max = len(counts), int(max(counts))
+    n_chan, n_pcs = iC.shape[0], features.shape[2]
+    slots = xp.asarray(np.concatenate([g * n_max + np.arange(n) for g, n in enumerate(counts)]))
+    dense = xp.zeros((G * n_max, n_chan * n_pcs), dtype=xp.float32)
+    dense[slots] = on_all_channels(xp, features, centres, iC)
+    dense = dense.reshape(G, n_max, -1)
+    near = xp.zeros((G * n_max, n_chan), dtype=bool)
+    near[slots] = neighbours[centres]
+    near = near.reshape(G, n_max, n_chan)
+    W = dense[xp.arange(G)[:, None], xp.asarray(seeds)]  # [G, T, Nchan * nPCs]
     clusters = xp.arange(n_clusters)
     for it in range(11):
-        mu = xp.sqrt((W ** 2).sum(axis=1))
-        W = W / (1e-5 + mu[:, None])
-        best_channel = (W.reshape(n_clusters, n_chan, n_pcs)[:, :, 0] ** 2).argmax(axis=1)
+        mu = xp.sqrt((W ** 2).sum(axis=2))
+        W = W / (1e-5 + mu[:, :, None])
+        best_channel = (W.reshape(G, n_clusters, n_chan, n_pcs)[..., 0] ** 2).argmax(axis=2)  # [G, T]
         if it == 10:
             break
-        score = xp.maximum(dense @ W.T, 0) ** 2 * near[:, best_channel]
-        assigned = score.max(axis=1) > 0
+        near_best = xp.take_along_axis(near, xp.broadcast_to(best_channel[:, None, :], (G, n_max, n_clusters)), 2)
+        score = xp.maximum(dense @ W.transpose(0, 2, 1), 0) ** 2 * near_best  # [G, n, T]
+        assigned = score.max(axis=2) > 0
         # a comparison, not a boolean index: no wait for the GPU to count the assigned spikes
-        onehot = ((score.argmax(axis=1)[:, None] == clusters[None, :]) & assigned[:, None]).astype(xp.float32)
-        nsp = onehot.sum(axis=0)
-        W = (onehot.T @ dense) / (1e-5 + nsp[:, None])
-    own = W.reshape(n_clusters, n_chan, n_pcs)[xp.arange(n_clusters)[:, None], iC[best_channel]]
-    own /= 1e-5 + xp.sqrt((own ** 2).sum(axis=(1, 2)))[:, None, None]
+        onehot = ((score.argmax(axis=2)[:, :, None] == clusters) & assigned[:, :, None]).astype(xp.float32)
+        nsp = onehot.sum(axis=1)
+        W = (onehot.transpose(0, 2, 1) @ dense) / (1e-5 + nsp[:, :, None])
+    W = W.reshape(G, n_clusters, n_chan, n_pcs)
+    own = W[xp.arange(G)[:, None, None], clusters[None, :, None], iC[best_channel]]  # [G, T, NchanNear, nPCs]
+    own /= 1e-5 + xp.sqrt((own ** 2).sum(axis=(2, 3)))[:, :, None, None]
     return own, mu, nsp, best_channel
 
 
@@ -212,8 +225,22 @@ def run(ctx):
     Whs = xp.zeros((p.Nbatch, n_clusters), dtype=xp.int64)
     # the last batch, often short, is replaced by the one before it (as in Kilosort)
     batches = [min(k, p.Nbatch - 2) for k in range(p.Nbatch)]
-    previous = None
     counts = np.zeros(p.Nbatch, dtype=np.int64)
+    clustered = np.zeros(p.Nbatch, dtype=bool)
+    group = []  # (batch index, features, centres) waiting for cluster_batches
+    seeds = {}  # batch index -> the spikes that start its templates, drawn in batch order
+    row_bytes = 4 * n_chan * p.nPCs + n_chan
+
+    def cluster_group():
+        if group:
+            ks = np.array([k for k, _, _ in group])
+            result = cluster_batches(xp, xp.concatenate([f for _, f, _ in group]),
+                                     xp.concatenate([c for _, _, c in group]), counts[ks], iC_d, neighbours_d,
+                                     n_clusters, np.stack([seeds[k] for k in ks]))
+            for out, value in zip((Ws, mus, ns, Whs), result):
+                out[ks] = value
+            group.clear()
+
     bar = progress_bar(total=p.Nbatch, desc="reorder", enabled=ctx.show_progress)
     for k, (read, raw) in enumerate(batch_prefetch(ctx, data, batches)):
         S = noise_units(ctx, raw)
@@ -222,15 +249,24 @@ def run(ctx):
         own = xp.flatnonzero(owned_spikes(t + p.nt0min, p, read))
         counts[k] = len(own)
         if counts[k] > n_clusters:
-            previous = cluster_batch(xp, features[own], c[own], iC_d, neighbours_d, n_clusters, rng)
-        if previous is not None:
-            Ws[k], mus[k], ns[k], Whs[k] = previous
+            seeds[k] = rng.permutation(counts[k])[:n_clusters]
+            n_max = max([counts[k]] + [len(f) for _, f, _ in group])
+            if (len(group) + 1) * n_max * row_bytes > CLUSTER_GROUP_BYTES:
+                cluster_group()
+            group.append((k, features[own], c[own]))
+            clustered[k] = True
         bar.update()
+    cluster_group()
     bar.close()
-    if previous is None:
+    if not clustered.any():
         logger.warning("reorder: no batch had enough spikes to cluster; keeping the time order")
         keep_time_order(ir, p.Nbatch)
         return
+    # a batch with too few spikes to cluster takes the templates of the last clustered batch before it
+    last = np.maximum.accumulate(np.where(clustered, np.arange(p.Nbatch), -1))
+    filled = np.flatnonzero((last >= 0) & ~clustered)
+    for out in (Ws, mus, ns, Whs):
+        out[filled] = out[last[filled]]
     with np.errstate(invalid="ignore", divide="ignore"):
         ccb = ops.to_host(batch_distances(xp, Ws, mus, ns, Whs, iC_d, neighbours_d))
     ccb0 = zscore_columns(ccb)
