@@ -21,6 +21,8 @@ placed at known times, with the W/U/mu shapes of the stages and neighbours/xcorr
   away from the windows of unmatched spikes.
 - accumulate_templates sums in float64 in the same spike order: rtol 1e-6 (the float32 templates W U' that
   it adds may round differently in their last bit); counts are equal. pc_features: VALUE_RTOL.
+- neighbor_xcorr: the NumPy twin correlates by float64 FFT, the GPU by a direct float64 sum: atol 1e-5 of
+  the largest correlation.
 - row_median is exact (it sorts the same float32 values).
 - Every new GPU op is deterministic: two calls give bitwise equal outputs.
 - End to end (preprocess to extract, 20 s, 32 channels, 8 units) the GPU run's spike count is within 2% of the
@@ -147,10 +149,21 @@ def pursuit_inputs(n_chan, K, rng, n_spikes, mu_range=(8.0, 25.0), noise_only=Fa
         data = rng.normal(size=(BATCH, n_chan)).astype(np.float32)
     else:
         data, _, _ = place_spikes(BATCH, W, U, mu, n_spikes, rng)
-    sim = tm.similarity(W, U, iC, iW, n_chan, min(K, 32))
+    sim = tm.similarity(cpu, W, U, iC, iW, n_chan, min(K, 32))
     sim["neighbors"] = tm.overlap_neighbors(iC, iW, n_chan)
     sim["xcorr"] = tm.neighbor_xcorr(W, U, sim["neighbors"])
     return data, W, U, mu, sim, iC
+
+
+@pytest.mark.parametrize("K", [1, 7, 60])
+def test_neighbor_xcorr(gpu, K):
+    rng = np.random.default_rng(K)
+    W, U, mu, iC, iW = synthetic_templates(64, K, rng, (8.0, 25.0))
+    neighbors = tm.overlap_neighbors(iC, iW, 64)
+    expected = cpu.neighbor_xcorr(W, U, neighbors)
+    got = gpu.to_host(gpu.neighbor_xcorr(gpu.asarray(W), gpu.asarray(U), gpu.asarray(neighbors)))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert (got[neighbors == K] == 0).all()
 
 
 def multiset_mismatch(a_t, a_k, b_t, b_k):

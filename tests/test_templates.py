@@ -69,7 +69,7 @@ def test_template_xcorr_matches_direct_correlation():
             d = j - (NT0 - 1)
             direct = sum(T[a, t] @ T[b, t - d] for t in range(NT0) if 0 <= t - d < NT0)
             assert X[p, j] == pytest.approx(direct, abs=1e-5)
-    sim = tm.similarity(W.astype(np.float32), U.astype(np.float32), iC, iW, 16, 2)
+    sim = tm.similarity(ops, W.astype(np.float32), U.astype(np.float32), iC, iW, 16, 2)
     assert np.all(np.diag(sim["simScore"]) > 0.95)  # ||T||^2: 1 up to the interpolation's smoothing
     assert sim["iList"][:, 0].tolist() == [0, 1]
 
@@ -94,7 +94,7 @@ def synthetic_batch():
     for start, k in truth:
         data[start:start + NT0] += T[k]
     W, U = W.astype(np.float32), U.astype(np.float32)
-    sim = tm.similarity(W, U, iC, iW, 16, 2)
+    sim = tm.similarity(ops, W, U, iC, iW, 16, 2)
     sim["neighbors"] = tm.overlap_neighbors(iC, iW, 16)
     sim["xcorr"] = tm.neighbor_xcorr(W, U, sim["neighbors"])
     return data, W, U, mu.astype(np.float32), sim, truth

@@ -28,7 +28,7 @@ logger = logging.getLogger("si_ks2py")
 
 #: Cached stages in run order (export always runs). Bump a stage's version when its results change.
 STAGES = tuple(s for s in params_module.STAGES if s != "export")
-STAGE_VERSIONS = {"preprocess": 2, "reorder": 6, "learn": 3, "extract": 3, "merge": 1, "split": 4, "cutoff": 1}
+STAGE_VERSIONS = {"preprocess": 2, "reorder": 6, "learn": 4, "extract": 3, "merge": 1, "split": 4, "cutoff": 1}
 
 
 def recording_fingerprint(recording) -> str:

@@ -68,7 +68,7 @@ def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
     _, vectors = xp.linalg.eigh(wtw)
     W = vectors[:, :, ::-1][:, :, :n_rank].copy()  # eigenvalues ascending -> top n_rank
     W[:, :, 0] *= -xp.sign(W[:, nt0min, 0] + (W[:, nt0min, 0] == 0))[:, None]
-    U = xp.einsum("ktr,ktc->kcr", W, blanked)
+    U = blanked.transpose(0, 2, 1) @ W  # [K, Nchan, Nrank]
     mu = xp.sqrt(1e-7 + (U ** 2).sum(axis=(1, 2)))
     U /= mu[:, None, None]
     # integer alignment of the peak of |W_0| to nt0min, then sub-sample alignment
@@ -78,7 +78,7 @@ def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
     up = W[:, :, 0] @ xp.asarray(Ka).T  # [K, nup]
     jmax = xp.abs(up).argmax(axis=1)
     sign = xp.sign(xp.take_along_axis(up, jmax[:, None], axis=1))[:, 0]
-    W = xp.einsum("kab,kbr->kar", xp.asarray(Kb)[jmax], W)
+    W = xp.asarray(Kb)[jmax] @ W
     W[:, :, 0] *= -sign[:, None]
     return W, U, mu
 
@@ -140,14 +140,14 @@ def neighbor_xcorr(W, U, neighbors):
     return xcorr
 
 
-def similarity(W, U, iC, iW, n_chan: int, n_nearest: int):
-    """getMeWtW: ``simScore`` [K, K] float32 (max over lags of the template correlation; 0 for templates without
+def similarity(ops, W, U, iC, iW, n_chan: int, n_nearest: int):
+    """getMeWtW (the correlations by ``ops.neighbor_xcorr``): ``simScore`` [K, K] float32 (max over lags of the template correlation; 0 for templates without
     a common channel) and ``iList`` [K, Nnearest] (the most similar templates of each template, itself first;
     indices wrap when K < Nnearest)."""
     xp = array_module(W)
     K = len(W)
     neighbors = overlap_neighbors(iC, iW, n_chan)
-    xcorr = neighbor_xcorr(W, U, neighbors)
+    xcorr = ops.neighbor_xcorr(W, U, neighbors)
     sim = xp.zeros((K, K + 1), dtype=xp.float32)  # column K absorbs the padding
     sim[xp.arange(K)[:, None], neighbors] = xcorr.max(axis=2)
     sim = sim[:, :K]

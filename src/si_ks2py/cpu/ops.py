@@ -10,6 +10,8 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage, signal
 
+from .. import templates as tm
+
 xp = np
 name = "cpu"
 
@@ -174,6 +176,13 @@ def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spac
     stronger = (np.abs(c[:, None] - c[None, :]) < channel_spacing) & (x[None, :] > x[:, None])
     keep = ~stronger.any(axis=1)
     return t[keep], c[keep]
+
+
+def neighbor_xcorr(W, U, neighbors):
+    """[K, M, 2*nt0 - 1] float32: the correlation at every lag (templates.template_xcorr, by FFT) of each template
+    with each of its neighbours (neighbors [K, M] int64, padded with K; 0 on padding). W: [K, nt0, Nrank], U:
+    [K, Nchan, Nrank] float32."""
+    return tm.neighbor_xcorr(W, U, neighbors)
 
 
 def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float, n_iter: int,

@@ -303,6 +303,23 @@ def _template_projections(data, W, U):
     return B
 
 
+_XC_THREADS, _XC_MAX_RANK = 128, 8  # XC_THREADS, XC_MAX_RANK in pursuit.cu
+
+
+def neighbor_xcorr(W, U, neighbors):
+    """See si_ks2py.cpu.ops.neighbor_xcorr (here one kernel: a direct sum over the lags, not an FFT)."""
+    W, U, neighbors = _f32(W), _f32(U), _i64(neighbors)
+    K, nt0, R = W.shape
+    M = neighbors.shape[1] if neighbors.ndim == 2 else 0
+    if R > _XC_MAX_RANK:
+        raise ValueError(f"neighbor_xcorr takes templates of rank <= {_XC_MAX_RANK}, got {R}")
+    X = cp.empty((K, M, 2 * nt0 - 1), dtype=cp.float32)
+    if X.size:
+        _launch("pursuit", "neighbor_xcorr", (K * M,), (_XC_THREADS,),
+                (W, U, neighbors, X, _i32(K), _i32(M), _i32(nt0), _i32(U.shape[1]), _i32(R)), 8 * nt0 * R)
+    return X
+
+
 def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float, n_iter: int,
                   feature_templates=None):
     """See si_ks2py.cpu.ops.match_pursuit. One host synchronisation per iteration (the count of its spikes)."""

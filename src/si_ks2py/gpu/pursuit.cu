@@ -255,3 +255,57 @@ extern "C" __global__ void pc_features(const float* __restrict__ residual, const
     for (int p = 0; p < PC_MAXP; p++)
         if (p < P) out[(s * P + p) * J + j] = __fadd_rn(acc[p], __fmul_rn(ys, own[(id * P + p) * J + j]));
 }
+
+// Correlation of template a with each neighbour b = neighbors[a, m] at every lag (mexWtW2.cu, the NumPy twin's
+// template_xcorr): X[a, m, j] = sum_t sum_{r,q} W[a, t, r] W[b, t - d, q] (U_a' U_b)[r, q] with d = j - (nt0 - 1),
+// zero for padding (b == K). One block per (a, m): the R x R spatial product by a block reduction over channels,
+// then one thread per lag; double accumulation. V [nt0 * R] and the reduction buffer in shared memory.
+#define XC_THREADS 128
+#define XC_MAX_RANK 8
+extern "C" __global__ void neighbor_xcorr(const float* __restrict__ W, const float* __restrict__ U,
+                                          const long long* __restrict__ neighbors, float* __restrict__ X,
+                                          const int K, const int M, const int nt0, const int C, const int R)
+{
+    __shared__ double part[XC_THREADS];
+    __shared__ double uu[XC_MAX_RANK * XC_MAX_RANK];
+    extern __shared__ double v[];  // [nt0, R]: V[t, q] = sum_r W[a, t, r] uu[r, q]
+    const int a = blockIdx.x / M;
+    const long long b = neighbors[blockIdx.x];
+    const int L = 2 * nt0 - 1;
+    float* out = X + (size_t)blockIdx.x * L;
+    if (b >= K) {
+        for (int j = threadIdx.x; j < L; j += blockDim.x) out[j] = 0.0f;
+        return;
+    }
+    const float* Ua = U + (size_t)a * C * R;
+    const float* Ub = U + (size_t)b * C * R;
+    for (int rq = 0; rq < R * R; rq++) {
+        const int r = rq / R, q = rq % R;
+        double acc = 0.0;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) acc += (double)Ua[c * R + r] * (double)Ub[c * R + q];
+        part[threadIdx.x] = acc;
+        __syncthreads();
+        for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+            if (threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) uu[rq] = part[0];
+        __syncthreads();
+    }
+    const float* Wa = W + (size_t)a * nt0 * R;
+    const float* Wb = W + (size_t)b * nt0 * R;
+    for (int i = threadIdx.x; i < nt0 * R; i += blockDim.x) {
+        const int t = i / R, q = i % R;
+        double acc = 0.0;
+        for (int r = 0; r < R; r++) acc += (double)Wa[t * R + r] * uu[r * R + q];
+        v[i] = acc;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < L; j += blockDim.x) {
+        const int d = j - (nt0 - 1);
+        double acc = 0.0;
+        for (int t = max(0, d); t < min(nt0, nt0 + d); t++)
+            for (int q = 0; q < R; q++) acc += v[t * R + q] * (double)Wb[(t - d) * R + q];
+        out[j] = (float)acc;
+    }
+}

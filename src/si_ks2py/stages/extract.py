@@ -72,12 +72,16 @@ def run(ctx):
                         ops, batch, state, fixed, p, int(k), p.Th[-1], pm, feature_templates)
                     pcs = ops.pc_features(residual, st, ids, y, W32, U32, template_channels, wPCA)
                     time = p.t_start + stride * int(k) - margin + st + p.nt0min
-                    rows = np.column_stack([ops.to_host(time), ops.to_host(ids), ops.to_host(y), ops.to_host(x),
-                                            np.full(len(st), rank_of[k])]).astype(np.float64)
+                    # two transfers per batch: the spike table (float64, exact for the times) and the features
+                    rows = ops.to_host(xp.stack([time, ids, y, x, xp.full(len(st), rank_of[k])], axis=1)
+                                       .astype(xp.float64))
+                    pcs = pcs.reshape(len(st), pcs.shape[1] * pcs.shape[2])
+                    features = ops.to_host(xp.concatenate([feat, pcs], axis=1))
                     order = np.lexsort((rows[:, 1], rows[:, 0]))  # time, then template
                     blocks[rank_of[k]] = (rows[order], spill.tell())
-                    spill.write(np.ascontiguousarray(ops.to_host(feat)[order], dtype=np.float32).tobytes())
-                    spill.write(np.ascontiguousarray(ops.to_host(pcs)[order], dtype=np.float32).tobytes())
+                    n_feat = feat.shape[1]
+                    spill.write(np.ascontiguousarray(features[order, :n_feat], dtype=np.float32).tobytes())
+                    spill.write(np.ascontiguousarray(features[order, n_feat:], dtype=np.float32).tobytes())
                     bar.update()
             bar.close()
             ranks = sorted(blocks)

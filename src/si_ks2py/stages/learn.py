@@ -90,7 +90,7 @@ def seed_templates(ops, residual, wTEMP, wPCA, iC, params):
     t, _ = ops.prototype_spikes(residual, wTEMP, iC, min(residual.shape[1], 7), params.Th[0])
     snippets = residual[xp.asarray(t)[:, None] + xp.arange(params.nt0)[None, :]].astype(xp.float64)
     w = xp.asarray(wPCA, dtype=xp.float64)
-    return xp.einsum("ta,sa,nsc->ntc", w, w, snippets)
+    return (w @ w.T) @ snippets  # [nt0, nt0] projector on the PCs, applied to every snippet
 
 
 def template_update(dWU, nsp, dWU0, nsp0, pm: float, p1: float):
@@ -117,7 +117,7 @@ def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, 
     neighbors = fixed.get("neighbors")
     if neighbors is None:  # learning: templates and their channels change from batch to batch
         neighbors = tm.overlap_neighbors(fixed["iC"], fixed["iW"], U.shape[1])
-    xcorr = tm.neighbor_xcorr(W32, U32, neighbors)
+    xcorr = ops.neighbor_xcorr(W32, U32, neighbors)
     st, ids, y, x, residual, feat = ops.match_pursuit(data, W32, U32, mu32, neighbors, xcorr, threshold,
                                                       params.lam, params.nInnerIter, features)
     mine = xp.flatnonzero(owned_spikes(st + params.nt0min, params, k))  # indices: one count, not one per array
@@ -187,7 +187,7 @@ def run(ctx):
         raise ValueError("template learning found no templates: the recording seems to hold no spikes above "
                          f"projection_threshold={p.Th}")
     iW = tm.peak_channels(state["dWU"], p.nt0min)
-    sim = tm.similarity(state["W"].astype(xp.float32), state["U"].astype(xp.float32), fixed["iC"], iW, n_chan,
+    sim = tm.similarity(ops, state["W"].astype(xp.float32), state["U"].astype(xp.float32), fixed["iC"], iW, n_chan,
                         n_near)
     logger.info("learn: %d templates", len(iW))
     ir.wPCA, ir.wTEMP = wPCA, wTEMP

@@ -291,7 +291,7 @@ def run(ctx):
     W, U, mu = tm.svd_templates(ops.asarray(dWU), ops.asarray(W), iC_d, iW_d, ops.asarray(Ka), ops.asarray(Kb),
                                 p.nt0min)
     siblings = sim == 1
-    sim = ops.to_host(tm.similarity(W.astype(ops.xp.float32), U.astype(ops.xp.float32), iC_d, iW_d, n_chan,
+    sim = ops.to_host(tm.similarity(ops, W.astype(ops.xp.float32), U.astype(ops.xp.float32), iC_d, iW_d, n_chan,
                                     n_near)["simScore"])
     W, U, mu = (ops.to_host(a) for a in (W, U, mu))
     sim[siblings] = 1
