@@ -140,6 +140,22 @@ def prefetch(function, items, workers: int = 1):
             yield item, result
 
 
+def on_own_streams(ops, function):
+    """``function`` run, in each thread that calls it, on a device stream of that thread's own (``ops.worker_stream``).
+    With ``prefetch(on_own_streams(ops, f), items, workers)`` several batches are processed side by side: the
+    stages are bound by the host's work per kernel launch and by its waits for results, which other threads fill.
+    ``function`` must return host data, or synchronise its stream before returning device arrays."""
+    local = threading.local()
+
+    def run(*args):
+        if not hasattr(local, "stream"):
+            local.stream = ops.worker_stream()
+        with local.stream:
+            return function(*args)
+
+    return run
+
+
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in, writable, without changing their contents
 
 

@@ -5,6 +5,8 @@ Arrays are C-ordered; a batch of traces is [n_samples, n_channels] (time rows).
 
 from __future__ import annotations
 
+import contextlib
+
 import numba
 import numpy as np
 from scipy import fft as sfft
@@ -41,6 +43,11 @@ def synchronize():
 
 def release_memory():
     """Nothing to release on the host (on the GPU, the memory pool's cached blocks)."""
+
+
+def worker_stream():
+    """A context in which a thread queues its work (on the GPU, a stream of its own; here nothing)."""
+    return contextlib.nullcontext()
 
 
 def filtfilt_zero_state(x, b, a):

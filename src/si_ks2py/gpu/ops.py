@@ -100,6 +100,12 @@ def synchronize():
     cp.cuda.get_current_stream().synchronize()
 
 
+def worker_stream():
+    """A non-blocking CUDA stream (a context): threads that each queue their batches on a stream of their own run
+    side by side, one thread's host work filling another's waits for the GPU."""
+    return cp.cuda.Stream(non_blocking=True)
+
+
 def release_memory():
     """Give the memory CuPy's pool keeps for reuse back to the GPU (between stages: each stage's buffers have
     other sizes, so what one stage kept would only add to the next one's peak)."""
@@ -122,7 +128,9 @@ def _zero_input_response(b: tuple, a: tuple, L: int):
             h[k, t] = z[0]
             z = np.append(z[1:], 0.0) - feedback * z[0]
         phi[:, k] = z
-    return cp.asarray(h), cp.asarray(phi)
+    h, phi = cp.asarray(h), cp.asarray(phi)
+    synchronize()  # cached and then read from other threads' streams
+    return h, phi
 
 
 def filtfilt_zero_state(x, b, a):

@@ -14,6 +14,7 @@ of the same run, which then read no file, and the file is written from it by a b
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +23,14 @@ import numpy as np
 from scipy import signal
 from threadpoolctl import threadpool_limits
 
-from ..io import RecordingReader, chunk_windows, large_host_array, whitened_fits_in_memory
+from ..io import (RecordingReader, chunk_windows, large_host_array, on_own_streams, prefetch,
+                  whitened_fits_in_memory)
 from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
 
 STORE_WORKERS = 4  # threads copying chunks into the in-memory copy (its first writes fault pages in)
+GPU_WORKERS = 3  # chunks filtered side by side, each on a stream of its own (~0.4 GB of GPU memory at 384 ch)
 
 OUTPUTS = ("igood", "chanMap", "xc", "yc", "kcoords", "Wrot")
 FILES = ("temp_wh.dat",)
@@ -63,6 +66,24 @@ def filter_traces(ops, traces, params, coefficients):
     return ops.filtfilt_zero_state(x, *coefficients)
 
 
+def chunk_crossings(ops, reader: RecordingReader, params, coefficients, window) -> tuple:
+    """One chunk of get_good_channels, on the host: (non-constant channels [Nchan0] bool, threshold crossings per
+    channel [Nchan0] int64 or None when not counted, samples counted)."""
+    xp = ops.xp
+    traces = reader.read_staged(ops, *window)
+    raw = reader.to_device(ops, traces)
+    alive = column_sums(xp, raw != raw[:1])[0] > 0
+    if traces.shape[0] <= 2 * params.nt0 or params.minfr_goodchannels == 0:
+        return ops.to_host(alive), None, 0
+    x = filter_traces(ops, raw, params, coefficients)
+    n = xp.float32(len(x))
+    std = xp.sqrt(xp.maximum(column_sums(xp, x * x) / n - (column_sums(xp, x) / n) ** 2, 0))
+    x /= xp.where(std > 0, std, xp.inf)  # a constant channel becomes zeros: no crossings
+    is_min = (x < ops.running_min(x, 30, axis=0) + 1e-3) & (x < params.spkTh)
+    counts = column_sums(xp, is_min[params.nt0 - 1:x.shape[0] - params.nt0])[0].astype(xp.int64)
+    return ops.to_host(alive), ops.to_host(counts), x.shape[0]
+
+
 def get_good_channels(ops, reader: RecordingReader, params) -> np.ndarray:
     """get_good_channels.m: bool [Nchan0], channels with at least minfr_goodchannels threshold crossings per second.
 
@@ -71,32 +92,23 @@ def get_good_channels(ops, reader: RecordingReader, params) -> np.ndarray:
     constant in the raw data are dropped even when minfr_goodchannels is 0: after the common median reference
     they would only carry the other channels' median, and they break whitening.
     """
-    xp = ops.xp
     n_chan = len(reader.channel_ids)
     L = params.NT - params.ntbuff
     step = int(math.ceil(params.Nbatch / 100))
-    coefficients = filter_coefficients(params)
-    counts = xp.zeros(n_chan, dtype=xp.int64)
-    alive = xp.zeros(n_chan, dtype=bool)
-    seconds = 0.0
+    chunk = functools.partial(chunk_crossings, ops, reader, params, filter_coefficients(params))
+    counts = np.zeros(n_chan, dtype=np.int64)
+    alive = np.zeros(n_chan, dtype=bool)
+    samples = 0
     ranges = [(L * k, L * k + params.NT) for k in range(0, params.Nbatch, step)]
-    for (start, stop), traces in reader.prefetch(ops, ranges):
-        raw = reader.to_device(ops, traces)
-        alive |= column_sums(xp, raw != raw[:1])[0] > 0
-        if traces.shape[0] <= 2 * params.nt0 or params.minfr_goodchannels == 0:
-            continue
-        x = filter_traces(ops, raw, params, coefficients)
-        n = xp.float32(len(x))
-        std = xp.sqrt(xp.maximum(column_sums(xp, x * x) / n - (column_sums(xp, x) / n) ** 2, 0))
-        x /= xp.where(std > 0, std, xp.inf)  # a constant channel becomes zeros: no crossings
-        is_min = (x < ops.running_min(x, 30, axis=0) + 1e-3) & (x < params.spkTh)
-        counts += column_sums(xp, is_min[params.nt0 - 1:x.shape[0] - params.nt0])[0].astype(xp.int64)
-        seconds += x.shape[0] / params.fs
-    alive = ops.to_host(alive)
+    for _, (alive_k, counts_k, samples_k) in prefetch(on_own_streams(ops, chunk), ranges, GPU_WORKERS):
+        alive |= alive_k
+        if counts_k is not None:
+            counts += counts_k
+            samples += samples_k
     if params.minfr_goodchannels == 0:
         igood = alive
     else:
-        igood = alive & (ops.to_host(counts) / max(seconds, 1e-12) >= params.minfr_goodchannels)
+        igood = alive & (counts / max(samples / params.fs, 1e-12) >= params.minfr_goodchannels)
     logger.info("good channels: %d of %d kept (%d constant; minfr_goodchannels=%g Hz)", igood.sum(), n_chan,
                 (~alive).sum(), params.minfr_goodchannels)
     return igood
@@ -160,24 +172,30 @@ def to_int16(ops, x):
     return xp.clip(xp.rint(x), -32768, 32767).astype(xp.int16)
 
 
+def whiten_chunk(ops, reader: RecordingReader, wrot_dev, params, coefficients, window) -> np.ndarray:
+    """One chunk of the main pass: filtered with its context, whitened, scaled, int16 [n_out, Nchan] on the host."""
+    read, out = window
+    raw = reader.to_device(ops, reader.read_staged(ops, *read))
+    if params.skip_preprocessing:
+        x = raw[out[0] - read[0]:out[1] - read[0]].astype(ops.xp.float32)
+    else:
+        x = filter_traces(ops, raw, params, coefficients)[out[0] - read[0]:out[1] - read[0]] @ wrot_dev
+    return np.ascontiguousarray(ops.to_host(to_int16(ops, x)))
+
+
 def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store, show_progress: bool,
                    store_workers: int = 1):
-    """The main pass: every chunk filtered with its context, whitened, scaled, int16 [n_out, Nchan];
-    ``store(block, out)`` is called for each chunk by writer threads while the next ones are read and processed
-    (in order with one writer; several may store chunks side by side)."""
-    coefficients = filter_coefficients(params)
-    wrot_dev = ops.asarray(wrot, dtype=ops.xp.float32)
+    """The main pass: every chunk filtered with its context, whitened, scaled, int16 [n_out, Nchan], by
+    GPU_WORKERS threads side by side; ``store(block, out)`` is called for each chunk by writer threads while the
+    next ones are processed (in order with one writer; several may store chunks side by side)."""
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples) for k in range(params.Nbatch)]
+    chunk = functools.partial(whiten_chunk, ops, reader, ops.asarray(wrot, dtype=ops.xp.float32), params,
+                              filter_coefficients(params))
+    ops.synchronize()  # the whitening matrix is complete before the workers' streams read it
     bar = progress_bar(total=len(windows), desc="preprocess", unit="batch", enabled=show_progress)
     with ThreadPoolExecutor(max_workers=store_workers) as writer:
         stored = collections.deque()
-        for (read, out), traces in reader.prefetch(ops, windows, read_range=lambda w: w[0]):
-            raw = reader.to_device(ops, traces)
-            if params.skip_preprocessing:
-                x = raw[out[0] - read[0]:out[1] - read[0]].astype(ops.xp.float32)
-            else:
-                x = filter_traces(ops, raw, params, coefficients)[out[0] - read[0]:out[1] - read[0]] @ wrot_dev
-            block = np.ascontiguousarray(ops.to_host(to_int16(ops, x)))
+        for (_, out), block in prefetch(on_own_streams(ops, chunk), windows, GPU_WORKERS):
             while len(stored) > store_workers:  # bounded: each waiting block holds a page-locked buffer
                 stored.popleft().result()
             stored.append(writer.submit(store, block, out))
