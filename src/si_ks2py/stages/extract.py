@@ -1,8 +1,7 @@
 """Spike extraction (runTemplates.m / trackAndSort.m of Kilosort 2.0): the final pass over every batch.
 
 Two sweeps start from the learnt mid-point templates (``dWU = mu W U'`` rebuilt, spike counts reset): one from
-the middle of the reordered batches to their start, one from the middle to their end (side by side, each in a
-thread of its own: they share nothing but the starting point). Templates keep
+the middle of the reordered batches to their start, one from the middle to their end. Templates keep
 tracking (running average with momentum[1]), the number of templates and their peak channels stay fixed,
 and matching pursuit runs at ``Th[-1]``, recording every spike with its template features (projections on
 the most similar templates) and PC features (on the template's channels).
@@ -18,13 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .. import templates as tm
-from ..io import batch_margin, batch_prefetch, noise_units, on_own_streams, open_whitened
+from ..io import batch_margin, batch_prefetch, noise_units, open_whitened
 from ..probe import nearest_channels
 from ..progress import progress_bar
 from .learn import match_and_update, middle
@@ -65,46 +62,27 @@ def run(ctx):
     blocks = {}  # batch rank -> (its st3 rows, where its features start in the spill file)
     spill_path = ir.folder / ".extract_features.part"
     bar = progress_bar(total=p.Nbatch, desc="extract", enabled=ctx.show_progress)
-    spill_lock, failed = threading.Lock(), threading.Event()
-
-    def sweep_batches(spill, sweep):
-        state = {"W": W_mid, "U": U_mid, "mu": mu_mid, "dWU": dWU_mid, "nsp": xp.zeros(len(mu_mid))}
-        for k, raw in batch_prefetch(ctx, data, sweep):
-            if failed.is_set():
-                return
-            batch = noise_units(ctx, raw)
-            st, ids, y, x, residual, feat, W32, U32 = match_and_update(
-                ops, batch, state, fixed, p, int(k), p.Th[-1], pm, feature_templates)
-            pcs = ops.pc_features(residual, st, ids, y, W32, U32, template_channels, wPCA)
-            time = p.t_start + stride * int(k) - margin + st + p.nt0min
-            # two transfers per batch: the spike table (float64, exact for the times) and the features
-            rows = ops.to_host(xp.stack([time, ids, y, x, xp.full(len(st), rank_of[k])], axis=1).astype(xp.float64))
-            pcs = pcs.reshape(len(st), pcs.shape[1] * pcs.shape[2])
-            features = ops.to_host(xp.concatenate([feat, pcs], axis=1))
-            order = np.lexsort((rows[:, 1], rows[:, 0]))  # time, then template
-            n_feat = feat.shape[1]
-            with spill_lock:
-                blocks[rank_of[k]] = (rows[order], spill.tell())
-                spill.write(np.ascontiguousarray(features[order, :n_feat], dtype=np.float32).tobytes())
-                spill.write(np.ascontiguousarray(features[order, n_feat:], dtype=np.float32).tobytes())
-            bar.update()
-
-    def sweep_or_stop(spill, sweep):
-        try:
-            sweep_batches(spill, sweep)
-        except BaseException:
-            failed.set()  # the other sweep stops at its next batch
-            raise
-
     try:
         with open(spill_path, "w+b") as spill:
-            ops.synchronize()  # the mid-point templates are complete before the sweeps' streams read them
-            # the two sweeps are independent: each on a stream of its own, side by side (see io.on_own_streams)
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                sweeps = [pool.submit(on_own_streams(ops, sweep_or_stop), spill, sweep)
-                          for sweep in extraction_sweeps(iorig, int(ir.n_active))]
-                for future in sweeps:
-                    future.result()
+            for sweep in extraction_sweeps(iorig, int(ir.n_active)):
+                state = {"W": W_mid, "U": U_mid, "mu": mu_mid, "dWU": dWU_mid, "nsp": xp.zeros(len(mu_mid))}
+                for k, raw in batch_prefetch(ctx, data, sweep):
+                    batch = noise_units(ctx, raw)
+                    st, ids, y, x, residual, feat, W32, U32 = match_and_update(
+                        ops, batch, state, fixed, p, int(k), p.Th[-1], pm, feature_templates)
+                    pcs = ops.pc_features(residual, st, ids, y, W32, U32, template_channels, wPCA)
+                    time = p.t_start + stride * int(k) - margin + st + p.nt0min
+                    # two transfers per batch: the spike table (float64, exact for the times) and the features
+                    rows = ops.to_host(xp.stack([time, ids, y, x, xp.full(len(st), rank_of[k])], axis=1)
+                                       .astype(xp.float64))
+                    pcs = pcs.reshape(len(st), pcs.shape[1] * pcs.shape[2])
+                    features = ops.to_host(xp.concatenate([feat, pcs], axis=1))
+                    order = np.lexsort((rows[:, 1], rows[:, 0]))  # time, then template
+                    blocks[rank_of[k]] = (rows[order], spill.tell())
+                    n_feat = feat.shape[1]
+                    spill.write(np.ascontiguousarray(features[order, :n_feat], dtype=np.float32).tobytes())
+                    spill.write(np.ascontiguousarray(features[order, n_feat:], dtype=np.float32).tobytes())
+                    bar.update()
             bar.close()
             ranks = sorted(blocks)
             st3 = np.concatenate([blocks[r][0] for r in ranks])

@@ -213,6 +213,10 @@ def write_rows(f, data: np.ndarray, rows: int = 2 ** 16):
 def run(ctx):
     params, probe, ops, ir = ctx.params, ctx.probe, ctx.ops, ctx.intermediate
     reader = RecordingReader(ctx.raw_data, params.t_start, params.t_stop, probe.chanMap)
+    # the in-memory copy is allocated first, so that its pages are faulted in (in the background) during the
+    # good-channel and whitening passes: the first writes to fresh pages would cost about as much as the pass
+    size = params.n_samples * len(probe.chanMap)  # every channel: the kept ones use its start
+    memory = large_host_array((size,), np.int16) if whitened_fits_in_memory(2 * size) else None
     if params.skip_preprocessing:
         igood = np.ones(len(probe.chanMap), dtype=bool)
     else:
@@ -226,8 +230,7 @@ def run(ctx):
     chan_map, xc, yc, kcoords = (np.asarray(probe[k])[igood] for k in ("chanMap", "xc", "yc", "kcoords"))
     reader = RecordingReader(ctx.raw_data, params.t_start, params.t_stop, chan_map)
     shape = (params.n_samples, len(chan_map))
-    # allocated now, so that its pages are faulted in while the whitening matrix is computed
-    whitened = large_host_array(shape, np.int16) if whitened_fits_in_memory(2 * shape[0] * shape[1]) else None
+    whitened = None if memory is None else memory[:shape[0] * shape[1]].reshape(shape)
     if params.skip_preprocessing:
         wrot = np.eye(len(chan_map))
     else:
