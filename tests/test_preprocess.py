@@ -6,7 +6,7 @@ import spikeinterface.core as sc
 from si_ks2py.cpu import ops
 from si_ks2py.io import WhitenedData
 from si_ks2py.pipeline import run
-from si_ks2py.stages.preprocess import to_int16
+from si_ks2py.stages.preprocess import butterworth, to_int16
 from conftest import generate_recording
 
 
@@ -14,6 +14,15 @@ def whitened(ctx) -> np.ndarray:
     ir = ctx.intermediate
     data = WhitenedData(ir.file_path("temp_wh.dat"), ctx.params.n_samples, len(ir.chanMap), ctx.params.scaleproc)
     return data.read(ops, 0, ctx.params.n_samples).astype(np.float64)
+
+
+@pytest.mark.parametrize("order, band", [(3, (0.01,)), (3, (0.02, 0.4)), (3, (300 / 10000,)), (2, (0.1,)),
+                                         (4, (0.1, 0.3)), (3, (150 / 12500, 6000 / 12500))])
+def test_butterworth_matches_scipy(order, band):
+    b, a = butterworth(order, band)
+    expected = signal.butter(order, band[0] if len(band) == 1 else list(band), "high" if len(band) == 1 else "bandpass")
+    np.testing.assert_allclose(b, expected[0], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(a, expected[1], rtol=1e-12, atol=1e-15)
 
 
 def test_filter_matches_scipy_filtfilt_away_from_edges():
