@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ..io import batch_prefetch, noise_units, open_whitened, owned_spikes
+from ..io import batch_margin, batch_prefetch, noise_units, on_own_streams, open_whitened, owned_spikes, prefetch
 from ..probe import nearest_channels
 from ..progress import progress_bar
 
@@ -31,6 +31,8 @@ logger = logging.getLogger("si_ks2py")
 DISTANCE_BLOCK_BYTES = 2 ** 27
 #: bytes of the padded dense features (and neighbour masks) of the batches that cluster_batches takes at once
 CLUSTER_GROUP_BYTES = 2 ** 28
+#: batches whose spikes are detected side by side, each on a stream of its own (see io.on_own_streams)
+DETECT_WORKERS = 3
 
 OUTPUTS = ("iorig", "n_active", "ccb", "ccbsort")
 FILES = ()
@@ -241,19 +243,26 @@ def run(ctx):
                 out[ks] = value
             group.clear()
 
-    bar = progress_bar(total=p.Nbatch, desc="reorder", enabled=ctx.show_progress)
-    for k, (read, raw) in enumerate(batch_prefetch(ctx, data, batches)):
-        S = noise_units(ctx, raw)
+    def batch_spikes(read):
+        """The spikes of the batch read (the last one stands in for the final batch): features, channels."""
+        S = noise_units(ctx, data.batch(ops, read, p.NT - p.ntbuff, batch_margin(p)))
         t, c, features = ops.pc_threshold_spikes(S, wPCA, iC_d, p.ThPre, p.nt0min)
-        # the batch read (the last one stands in for the final batch); indices: one count for all the selections
-        own = xp.flatnonzero(owned_spikes(t + p.nt0min, p, read))
-        counts[k] = len(own)
+        own = xp.flatnonzero(owned_spikes(t + p.nt0min, p, read))  # indices: one count for all the selections
+        features, c = features[own], c[own]
+        ops.synchronize()  # complete before the main thread's stream reads them
+        return features, c
+
+    ops.synchronize()  # wPCA and the channel tables are complete before the workers' streams read them
+    bar = progress_bar(total=p.Nbatch, desc="reorder", enabled=ctx.show_progress)
+    spikes = prefetch(on_own_streams(ops, batch_spikes), batches, DETECT_WORKERS)
+    for k, (_, (features, c)) in enumerate(spikes):
+        counts[k] = len(c)
         if counts[k] > n_clusters:
             seeds[k] = rng.permutation(counts[k])[:n_clusters]
             n_max = max([counts[k]] + [len(f) for _, f, _ in group])
             if (len(group) + 1) * n_max * row_bytes > CLUSTER_GROUP_BYTES:
                 cluster_group()
-            group.append((k, features[own], c[own]))
+            group.append((k, features, c))
             clustered[k] = True
         bar.update()
     cluster_group()
