@@ -144,7 +144,10 @@ def on_own_streams(ops, function):
     """``function`` run, in each thread that calls it, on a device stream of that thread's own (``ops.worker_stream``).
     With ``prefetch(on_own_streams(ops, f), items, workers)`` several batches are processed side by side: the
     stages are bound by the host's work per kernel launch and by its waits for results, which other threads fill.
-    ``function`` must return host data, or synchronise its stream before returning device arrays."""
+    ``function`` must return host data, or synchronise its stream before returning device arrays. The work queued
+    so far on the caller's stream (e.g. the arrays the function reads) is completed here, before any worker runs.
+    """
+    ops.synchronize()
     local = threading.local()
 
     def run(*args):
@@ -256,8 +259,13 @@ def noise_units(ctx, raw):
     return ctx.ops.asarray(raw).astype(xp.float32) / xp.float32(ctx.params.scaleproc)
 
 
+def read_batch(ctx, data: WhitenedData, k: int) -> np.ndarray:
+    """int16 batch k with its margins, staged for the device."""
+    p = ctx.params
+    return data.batch(ctx.ops, k, p.NT - p.ntbuff, batch_margin(p))
+
+
 def batch_prefetch(ctx, data: WhitenedData, batches):
     """Yield (k, int16 batch k with margins) with the next batch read (and staged for the device) in the
     background."""
-    p = ctx.params
-    return prefetch(lambda k: data.batch(ctx.ops, k, p.NT - p.ntbuff, batch_margin(p)), batches)
+    return prefetch(lambda k: read_batch(ctx, data, k), batches)

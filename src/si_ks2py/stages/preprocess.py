@@ -53,11 +53,10 @@ def butterworth(order: int, band: tuple[float, ...]) -> tuple[np.ndarray, np.nda
         root = np.sqrt(scaled ** 2 - w0 ** 2)
         poles = np.concatenate([scaled + root, scaled - root])
         gain = width ** order
-    zeros = np.zeros(order, dtype=complex)
-    # bilinear transform at fs = 2 (4 = 2 fs); the high-pass's zeros at 0 map to 1, the band-pass's missing
-    # ones to -1
-    gain = gain * np.real(np.prod(4 - zeros) / np.prod(4 - poles))
-    zeros_z = np.concatenate([(4 + zeros) / (4 - zeros), -np.ones(len(poles) - len(zeros))])
+    # bilinear transform at fs = 2 (4 = 2 fs): the order zeros at s = 0 map to z = 1, the band-pass's other
+    # order (at infinity) to z = -1
+    gain = gain * np.real(4.0 ** order / np.prod(4 - poles))
+    zeros_z = np.concatenate([np.ones(order), -np.ones(len(poles) - order)])
     poles_z = (4 + poles) / (4 - poles)
     return np.real(gain * np.poly(zeros_z)), np.real(np.poly(poles_z))
 
@@ -216,7 +215,6 @@ def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples) for k in range(params.Nbatch)]
     chunk = functools.partial(whiten_chunk, ops, reader, ops.asarray(wrot, dtype=ops.xp.float32), params,
                               filter_coefficients(params))
-    ops.synchronize()  # the whitening matrix is complete before the workers' streams read it
     bar = progress_bar(total=len(windows), desc="preprocess", unit="batch", enabled=show_progress)
     with ThreadPoolExecutor(max_workers=store_workers) as writer:
         stored = collections.deque()

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ..io import batch_margin, batch_prefetch, noise_units, on_own_streams, open_whitened, owned_spikes, prefetch
+from ..io import batch_prefetch, noise_units, on_own_streams, open_whitened, owned_spikes, prefetch, read_batch
 from ..probe import nearest_channels
 from ..progress import progress_bar
 
@@ -228,7 +228,6 @@ def run(ctx):
     # the last batch, often short, is replaced by the one before it (as in Kilosort)
     batches = [min(k, p.Nbatch - 2) for k in range(p.Nbatch)]
     counts = np.zeros(p.Nbatch, dtype=np.int64)
-    clustered = np.zeros(p.Nbatch, dtype=bool)
     group = []  # (batch index, features, centres) waiting for cluster_batches
     seeds = {}  # batch index -> the spikes that start its templates, drawn in batch order
     row_bytes = 4 * n_chan * p.nPCs + n_chan
@@ -245,14 +244,13 @@ def run(ctx):
 
     def batch_spikes(read):
         """The spikes of the batch read (the last one stands in for the final batch): features, channels."""
-        S = noise_units(ctx, data.batch(ops, read, p.NT - p.ntbuff, batch_margin(p)))
+        S = noise_units(ctx, read_batch(ctx, data, read))
         t, c, features = ops.pc_threshold_spikes(S, wPCA, iC_d, p.ThPre, p.nt0min)
         own = xp.flatnonzero(owned_spikes(t + p.nt0min, p, read))  # indices: one count for all the selections
         features, c = features[own], c[own]
         ops.synchronize()  # complete before the main thread's stream reads them
         return features, c
 
-    ops.synchronize()  # wPCA and the channel tables are complete before the workers' streams read them
     bar = progress_bar(total=p.Nbatch, desc="reorder", enabled=ctx.show_progress)
     spikes = prefetch(on_own_streams(ops, batch_spikes), batches, DETECT_WORKERS)
     for k, (_, (features, c)) in enumerate(spikes):
@@ -263,10 +261,10 @@ def run(ctx):
             if (len(group) + 1) * n_max * row_bytes > CLUSTER_GROUP_BYTES:
                 cluster_group()
             group.append((k, features, c))
-            clustered[k] = True
         bar.update()
     cluster_group()
     bar.close()
+    clustered = np.isin(np.arange(p.Nbatch), list(seeds))
     if not clustered.any():
         logger.warning("reorder: no batch had enough spikes to cluster; keeping the time order")
         keep_time_order(ir, p.Nbatch)
