@@ -17,6 +17,19 @@ pytestmark = pytest.mark.slow
 PARAMS = {"device": "cpu", "progress": False}
 SORT = "import sys, spikeinterface.core as sc, si_ks2py; si_ks2py.run(sc.load(sys.argv[1]), sys.argv[2], " \
        "verbose=False, device='cpu', progress=False)"
+# The whitened file of a small recording is written in milliseconds, too fast to catch from outside: this sort
+# kills itself with SIGKILL once half of the file's rows are on disk.
+SORT_KILLED_WRITING = """
+import os, signal, sys
+from si_ks2py.stages import preprocess
+
+def write_half_then_die(f, data, rows=2 ** 16):
+    f.write(memoryview(data[:len(data) // 2]))
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+preprocess.write_rows = write_half_then_die
+""" + SORT
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +58,16 @@ def kill_when(process, condition, timeout=120.0):
 def test_killed_sort_resumes_to_the_same_result(saved, tmp_path, point):
     recording, base = saved
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-c", SORT, str(base / "recording"), str(out)])
     log = out / "ks2py.log"
     if point == "writing temp_wh.dat":
-        killed = kill_when(process, lambda: (out / "cache" / ".temp_wh.dat.part").exists())
+        process = subprocess.run([sys.executable, "-c", SORT_KILLED_WRITING, str(base / "recording"), str(out)])
+        killed = process.returncode == -signal.SIGKILL and (out / "cache" / ".temp_wh.dat.part").exists()
     else:
+        process = subprocess.Popen([sys.executable, "-c", SORT, str(base / "recording"), str(out)])
         stage = point.split()[0]  # killed once the stage and the whitened file (written in the background) are done
         killed = kill_when(process, lambda: log.exists() and f"{stage:<10} done" in log.read_text()
                            and "temp_wh.dat written" in log.read_text())
-    assert killed, f"the sort ended before {point}"
+    assert killed, f"the sort was not killed at {point}"
     ctx = run(recording, out, PARAMS, verbose=False)
     if point != "writing temp_wh.dat":  # the stages finished before the kill are not run again
         finished = STAGES[:STAGES.index(point.split()[0]) + 1]
