@@ -29,8 +29,9 @@ def _module(file: str):
     return cp.RawModule(code=source, options=("--std=c++17",))
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(file: str, function: str):
-    return _module(file).get_function(function)
+    return _module(file).get_function(function)  # looked up once: a lookup costs about as much as a launch
 
 
 def _blocks(n: int, threads: int) -> tuple[int]:
@@ -328,9 +329,19 @@ def neighbor_xcorr(W, U, neighbors):
     return X
 
 
+_PURSUIT_LOOKAHEAD = 2  # iterations queued on the GPU ahead of the one whose spike count the host reads
+
+
 def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float, n_iter: int,
                   feature_templates=None):
-    """See si_ks2py.cpu.ops.match_pursuit. One host synchronisation per iteration (the count of its spikes)."""
+    """See si_ks2py.cpu.ops.match_pursuit.
+
+    Each iteration's spikes go to a list of fixed capacity (peaks are more than nt0 - 1 apart) with its count on
+    the device, and the iteration's kernels read that count there. The host reads each count asynchronously and
+    waits only for the count of the iteration _PURSUIT_LOOKAHEAD back, so the GPU always has work queued; an
+    iteration without spikes ends the pursuit (those that were queued after it find none either: err is
+    unchanged). One host synchronisation per call, at the end.
+    """
     data = _f32(data)
     n, C = data.shape
     W = _f32(W)
@@ -349,46 +360,60 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     denom = np.float32(1 + lam)
     err = cp.zeros(n, dtype=cp.float32)
     ftype = cp.zeros(n, dtype=cp.int32)
-    if last >= 0:
-        _launch("pursuit", "cost_all", _blocks((last + 1) * 32, 256), (256,),
-                (B, lam_mu, lmm, err, ftype, _i32(last), _i32(K), denom))
     residual = data.copy()
     ftemp = None if feature_templates is None else _i64(feature_templates)
-    found = []
-    for _ in range(n_iter):
-        st = _peaks(err, threshold, lockout)
-        s = int(st.size)
-        if s == 0:
-            break
-        ids = cp.empty(s, dtype=cp.int64)
-        y = cp.empty(s, dtype=cp.float32)
-        x = cp.empty(s, dtype=cp.float32)
-        _launch("pursuit", "pursuit_spikes", _blocks(s, 128), (128,), (st, B, err, ftype, ids, y, x, _i32(s), _i32(K)))
-        feat = None
-        if ftemp is not None:
-            n_near = ftemp.shape[1]
-            feat = cp.empty((s, n_near), dtype=cp.float32)
-            if n_near:
-                _launch("pursuit", "pursuit_features", _blocks(s * n_near, 128), (128,),
-                        (st, ids, ftemp, B, mu, feat, _i32(s), _i32(n_near), _i32(K), _i32(last), np.float32(lam)))
-        _launch("pursuit", "subtract_spikes", (s,), (256,), (residual, templates, st, ids, y, _i32(nt0), _i32(C)))
-        for parity in (0, 1):  # spikes of one parity have disjoint update windows
-            blocks = (s - parity + 1) // 2
-            if blocks and M:
-                _launch("pursuit", "update_projections", (blocks,), (256,),
-                        (B, st, ids, y, neighbors, xcorr, _i32(s), _i32(parity), _i32(M), _i32(nt0), _i32(K),
-                         _i32(last)))
-        _launch("pursuit", "cost_near_spikes", _blocks(s * (2 * lockout + 1) * 32, 256), (256,),
-                (B, lam_mu, lmm, err, ftype, st, _i32(s), _i32(lockout), _i32(last), _i32(K), denom))
-        found.append((st, ids, y, x, feat))
-    if not found:
+    n_near = 0 if ftemp is None else ftemp.shape[1]
+    if last < 0 or n_iter <= 0:
         st = cp.zeros(0, dtype=cp.int64)
-        feats = None if ftemp is None else cp.zeros((0, ftemp.shape[1]), dtype=cp.float32)
-        return st, st.copy(), cp.zeros(0, cp.float32), cp.zeros(0, cp.float32), residual, feats
-    st, ids, y, x = (cp.concatenate([f[i] for f in found]) for i in range(4))
-    total = st.size
-    order = cp.argsort(st * total + cp.arange(total, dtype=cp.int64))  # by time, then iteration: a stable sort
-    feats = None if ftemp is None else cp.concatenate([f[4] for f in found])[order]
+        return (st, st.copy(), cp.zeros(0, cp.float32), cp.zeros(0, cp.float32), residual,
+                None if ftemp is None else cp.zeros((0, n_near), dtype=cp.float32))
+    _launch("pursuit", "cost_all", _blocks((last + 1) * 32, 256), (256,),
+            (B, lam_mu, lmm, err, ftype, _i32(last), _i32(K), denom))
+    capacity = last // nt0 + 1
+    st_all = cp.empty((n_iter, capacity), dtype=cp.int64)
+    ids_all = cp.empty((n_iter, capacity), dtype=cp.int64)
+    y_all = cp.empty((n_iter, capacity), dtype=cp.float32)
+    x_all = cp.empty((n_iter, capacity), dtype=cp.float32)
+    feat_all = None if ftemp is None else cp.empty((n_iter, capacity, n_near), dtype=cp.float32)
+    counts = cp.zeros(n_iter, dtype=cp.int32)
+    host_counts = cupyx.empty_pinned(n_iter, dtype=np.int32)
+    flags = cp.empty(n, dtype=cp.uint8)
+    stream = cp.cuda.get_current_stream()
+    events = []
+    thr2 = np.float32(threshold * threshold)
+    for i in range(n_iter):
+        j = i - _PURSUIT_LOOKAHEAD
+        if j >= 0:
+            events[j].synchronize()
+            if host_counts[j] == 0:
+                break
+        st, ids, y, x, count = st_all[i], ids_all[i], y_all[i], x_all[i], counts[i:i + 1]
+        _launch("detect", "peak_flags", _blocks(n, 256), (256,), (err, flags, _i32(n), _i32(lockout), thr2))
+        _launch("pursuit", "collect_spikes", (1,), (1024,),
+                (flags, B, err, ftype, st, ids, y, x, count, _i32(n), _i32(K), _i32(capacity)))
+        if n_near:
+            _launch("pursuit", "pursuit_features", _blocks(capacity * n_near, 128), (128,),
+                    (st, ids, ftemp, B, mu, feat_all[i], count, _i32(n_near), _i32(K), _i32(last), np.float32(lam)))
+        _launch("pursuit", "subtract_spikes", (capacity,), (256,), (residual, templates, st, ids, y, count, _i32(nt0),
+                                                                     _i32(C)))
+        if M:
+            for parity in (0, 1):  # spikes of one parity have disjoint update windows
+                _launch("pursuit", "update_projections", ((capacity - parity + 1) // 2,), (256,),
+                        (B, st, ids, y, neighbors, xcorr, count, _i32(parity), _i32(M), _i32(nt0), _i32(K),
+                         _i32(last)))
+        _launch("pursuit", "cost_near_spikes", (capacity,), (256,),
+                (B, lam_mu, lmm, err, ftype, st, count, _i32(lockout), _i32(last), _i32(K), denom))
+        cp.cuda.runtime.memcpyAsync(host_counts.ctypes.data + 4 * i, count.data.ptr, 4,
+                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        events.append(stream.record())
+    events[-1].synchronize()
+    found = np.asarray(host_counts[:len(events)], dtype=np.int64)
+    total = int(found.sum())
+    # the spikes of every iteration, one flat index into the [n_iter, capacity] lists
+    index = cp.asarray(np.concatenate([i * capacity + np.arange(c) for i, c in enumerate(found)]))
+    st, ids, y, x = (a.ravel()[index] for a in (st_all, ids_all, y_all, x_all))
+    order = cp.argsort(st * max(total, 1) + cp.arange(total, dtype=cp.int64))  # by time, then iteration: stable
+    feats = None if ftemp is None else feat_all.reshape(-1, n_near)[index][order]
     return st[order], ids[order], y[order], x[order], residual, feats
 
 
@@ -404,10 +429,10 @@ def accumulate_templates(residual, st, ids, y, W, U, n_templates: int):
         return dwu, cp.zeros(n_templates, dtype=cp.int64)
     if n_templates != K:
         raise ValueError(f"accumulate_templates: n_templates = {n_templates} but W holds {K} templates")
-    counts = cp.bincount(ids, minlength=n_templates).astype(cp.int64)
     order = cp.argsort((ids * n + st) * S + cp.arange(S, dtype=cp.int64))  # (template, time, input order)
     st_sorted, y_sorted = st[order], y[order]
     starts = cp.searchsorted(ids[order], cp.arange(n_templates + 1, dtype=cp.int64), side="left")
+    counts = cp.diff(starts)  # (bincount would wait for the largest id)
     if dwu.size:
         _launch("pursuit", "accumulate_templates", _blocks(dwu.size, 256), (256,),
                 (residual, st_sorted, y_sorted, starts, W, U, dwu, _i32(n_templates), _i32(nt0), _i32(C), _i32(R)))

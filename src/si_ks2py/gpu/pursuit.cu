@@ -109,34 +109,70 @@ extern "C" __global__ void cost_all(const float* __restrict__ B, const float* __
     cost_row(B, lam_mu, lmm, err, ftype, t, K, denom);
 }
 
-// Cost of the rows st[s] - L .. st[s] + L (within [0, last]) around each spike; one warp per row. Rows shared by
-// two spikes are computed twice from the same B, with the same result.
+// The kernels below take the iteration's spike count from device memory (written by collect_spikes): they are
+// launched for the capacity of the spike list and their spare blocks return at once, so that the host never
+// waits for a count inside the pursuit.
+
+// Cost of the rows st[s] - L .. st[s] + L (within [0, last]) around spike s = blockIdx.x; one warp per row. Rows
+// shared by two spikes are computed twice from the same B, with the same result.
 extern "C" __global__ void cost_near_spikes(const float* __restrict__ B, const float* __restrict__ lam_mu,
                                             const float* __restrict__ lmm, float* __restrict__ err,
                                             int* __restrict__ ftype, const long long* __restrict__ st,
-                                            const int n_spikes, const int L, const int last, const int K,
+                                            const int* __restrict__ count, const int L, const int last, const int K,
                                             const float denom)
 {
-    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (w >= (long long)n_spikes * (2 * L + 1)) return;
-    const long long t = st[w / (2 * L + 1)] - L + (w % (2 * L + 1));
-    if (t < 0 || t > last) return;
-    cost_row(B, lam_mu, lmm, err, ftype, t, K, denom);
+    if ((int)blockIdx.x >= *count) return;
+    const long long first = st[blockIdx.x] - L;
+    for (int j = threadIdx.x >> 5; j < 2 * L + 1; j += blockDim.x >> 5) {
+        const long long t = first + j;
+        if (t >= 0 && t <= last) cost_row(B, lam_mu, lmm, err, ftype, t, K, denom);
+    }
 }
 
-// The spikes of one iteration: template, amplitude and score at each peak.
-extern "C" __global__ void pursuit_spikes(const long long* __restrict__ st, const float* __restrict__ B,
+// The spikes of one iteration from its peak flags [n] (detect.cu's peak_flags), in time order: st, template,
+// amplitude and score of each, and their count. One block: each thread takes a run of consecutive samples, and
+// an exclusive scan of the threads' counts gives where each run's spikes go. Peaks are more than nt0 - 1 apart,
+// so the capacity n / nt0 + 1 always suffices (the bound is kept anyway).
+#define COLLECT_THREADS 1024
+extern "C" __global__ void collect_spikes(const unsigned char* __restrict__ flags, const float* __restrict__ B,
                                           const float* __restrict__ err, const int* __restrict__ ftype,
-                                          long long* __restrict__ ids, float* __restrict__ y,
-                                          float* __restrict__ x, const int n_spikes, const int K)
+                                          long long* __restrict__ st, long long* __restrict__ ids,
+                                          float* __restrict__ y, float* __restrict__ x, int* __restrict__ count,
+                                          const int n, const int K, const int capacity)
 {
-    const int s = blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= n_spikes) return;
-    const long long t = st[s];
-    const int k = ftype[t];
-    ids[s] = k;
-    y[s] = B[t * K + k];
-    x[s] = __fsqrt_rn(err[t]);
+    __shared__ int warp_total[COLLECT_THREADS / 32];
+    const int run = (n + COLLECT_THREADS - 1) / COLLECT_THREADS;
+    const int begin = min(n, threadIdx.x * run), end = min(n, begin + run);
+    int mine = 0;
+    for (int t = begin; t < end; t++) mine += flags[t];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int inclusive = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
+        if (lane >= o) inclusive += v;
+    }
+    if (lane == 31) warp_total[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < COLLECT_THREADS / 32 ? warp_total[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += v;
+        }
+        if (lane < COLLECT_THREADS / 32) warp_total[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    int position = inclusive - mine + (warp ? warp_total[warp - 1] : 0);
+    if (threadIdx.x == COLLECT_THREADS - 1) *count = min(capacity, position + mine);
+    for (int t = begin; t < end && position < capacity; t++) {
+        if (!flags[t]) continue;
+        const int k = ftype[t];
+        st[position] = t;
+        ids[position] = k;
+        y[position] = B[(size_t)t * K + k];
+        x[position] = __fsqrt_rn(err[t]);
+        position++;
+    }
 }
 
 // Template features (extractFEAT) from B at detection: for f = ftemp[ids[s], q],
@@ -144,11 +180,11 @@ extern "C" __global__ void pursuit_spikes(const long long* __restrict__ st, cons
 extern "C" __global__ void pursuit_features(const long long* __restrict__ st, const long long* __restrict__ ids,
                                             const long long* __restrict__ ftemp, const float* __restrict__ B,
                                             const float* __restrict__ mu, float* __restrict__ feat,
-                                            const int n_spikes, const int n_near, const int K, const int last,
-                                            const float lam)
+                                            const int* __restrict__ count, const int n_near, const int K,
+                                            const int last, const float lam)
 {
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= (long long)n_spikes * n_near) return;
+    if (e >= (long long)(*count) * n_near) return;
     const long long s = e / n_near;
     const int q = (int)(e % n_near);
     const long long f = ftemp[ids[s] * n_near + q];
@@ -167,9 +203,11 @@ extern "C" __global__ void pursuit_features(const long long* __restrict__ st, co
 // residual[st + i, c] -= y * T[id, i, c]; one block per spike (the windows of one iteration are disjoint).
 extern "C" __global__ void subtract_spikes(float* __restrict__ residual, const float* __restrict__ T,
                                            const long long* __restrict__ st, const long long* __restrict__ ids,
-                                           const float* __restrict__ y, const int nt0, const int C)
+                                           const float* __restrict__ y, const int* __restrict__ count,
+                                           const int nt0, const int C)
 {
     const int s = blockIdx.x;
+    if (s >= *count) return;
     const float* tk = T + (size_t)ids[s] * nt0 * C;
     float* r = residual + (size_t)st[s] * C;
     const float ys = y[s];
@@ -182,11 +220,12 @@ extern "C" __global__ void subtract_spikes(float* __restrict__ residual, const f
 extern "C" __global__ void update_projections(float* __restrict__ B, const long long* __restrict__ st,
                                               const long long* __restrict__ ids, const float* __restrict__ y,
                                               const long long* __restrict__ neighbors,
-                                              const float* __restrict__ xcorr, const int n_spikes, const int parity,
-                                              const int M, const int nt0, const int K, const int last)
+                                              const float* __restrict__ xcorr, const int* __restrict__ count,
+                                              const int parity, const int M, const int nt0, const int K,
+                                              const int last)
 {
     const int s = 2 * blockIdx.x + parity;
-    if (s >= n_spikes) return;
+    if (s >= *count) return;
     const int J = 2 * nt0 - 1;
     const long long id = ids[s];
     const long long t0 = st[s] - (nt0 - 1);
