@@ -396,9 +396,10 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
                     (st, ids, ftemp, B, mu, feat_all[i], count, _i32(n_near), _i32(K), _i32(last), np.float32(lam)))
         _launch("pursuit", "subtract_spikes", (capacity,), (256,), (residual, templates, st, ids, y, count, _i32(nt0),
                                                                      _i32(C)))
-        if M:
-            for parity in (0, 1):  # spikes of one parity have disjoint update windows
-                _launch("pursuit", "update_projections", ((capacity - parity + 1) // 2,), (256,),
+        for parity in (0, 1):  # spikes of one parity have disjoint update windows
+            blocks = (capacity - parity + 1) // 2
+            if blocks and M:
+                _launch("pursuit", "update_projections", (blocks,), (256,),
                         (B, st, ids, y, neighbors, xcorr, count, _i32(parity), _i32(M), _i32(nt0), _i32(K),
                          _i32(last)))
         _launch("pursuit", "cost_near_spikes", (capacity,), (256,),
