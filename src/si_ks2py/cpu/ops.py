@@ -10,9 +10,12 @@ import contextlib
 import numba
 import numpy as np
 from scipy import fft as sfft
-from scipy import ndimage, signal
+from scipy import ndimage
 
 from .. import templates as tm
+
+# scipy.signal is imported where it is used: it takes about half a second to import, and a GPU sort, which imports
+# this module for the split's host path, never calls the two functions that use it.
 
 xp = np
 name = "cpu"
@@ -57,6 +60,8 @@ def filtfilt_zero_state(x, b, a):
     Returns [n, C] float32. Not scipy's filtfilt, which pads the edges: the zero state leaves transients at
     both ends, which is why batches are read with buffers.
     """
+    from scipy import signal
+
     y = signal.lfilter(b, a, np.asarray(x, dtype=np.float64), axis=0)
     y = signal.lfilter(b, a, y[::-1], axis=0)[::-1]
     return np.ascontiguousarray(y, dtype=np.float32)
@@ -369,6 +374,8 @@ def segment_gram(x, counts, weight):
 def _running_mean(x, sigma: float):
     radius = int(4 * sigma + 0.5)
     kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    from scipy import signal
+
     smooth = signal.fftconvolve(x, kernel[:, None], mode="same", axes=0)
     weight = signal.fftconvolve(np.ones(len(x)), kernel, mode="same")
     return smooth / weight[:, None]
