@@ -197,6 +197,23 @@ def neighbor_xcorr(W, U, neighbors):
     return tm.neighbor_xcorr(W, U, neighbors)
 
 
+def _template_projections(data, W, U):
+    """B [n + 1, K + 1] float32: <T_k, data[t:t+nt0]> for window starts t <= n - nt0, 0 beyond, with a scratch row
+    (n) and column (K) that absorb the padded neighbour entries of match_pursuit's updates."""
+    n, n_chan = data.shape
+    K, nt0, _ = W.shape
+    B = np.zeros((n + 1, K + 1), dtype=np.float32)
+    spatial = (data @ U.transpose(1, 0, 2).reshape(n_chan, -1)).reshape(n, K, -1)  # [n, K, Nrank]
+    for a in range(0, K, 64):  # per chunk of templates: FFT correlation of each spatial trace with its own W
+        b = min(K, a + 64)
+        length = sfft.next_fast_len(n + nt0 - 1, real=True)
+        spec = sfft.rfft(spatial[:, a:b], n=length, axis=0, workers=-1)
+        kern = sfft.rfft(W[a:b, ::-1, :].transpose(1, 0, 2), n=length, axis=0)
+        B[:n, a:b] = sfft.irfft((spec * kern).sum(axis=2), n=length, axis=0, workers=-1)[nt0 - 1:nt0 - 1 + n]
+    B[n - nt0 + 1:] = 0
+    return B
+
+
 def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float, n_iter: int,
                   feature_templates=None):
     """Template matching pursuit on one batch (mexMPnu8.cu).
@@ -217,7 +234,7 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     Returns (st [n_spikes] int64 window starts, id [n_spikes] int64, y [n_spikes] float32, x [n_spikes] float32,
     residual [n, Nchan] float32, features [n_spikes, Nnearest] float32 or None); spikes sorted by time.
     """
-    n, n_chan = data.shape
+    n = data.shape[0]
     K, nt0, _ = W.shape
     if K == 0:
         return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32),
@@ -225,16 +242,7 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     lockout = nt0 - 1
     last = n - nt0  # last window start
     templates = np.einsum("ktr,kcr->ktc", W, U).astype(np.float32)  # [K, nt0, Nchan]
-    # B with a scratch row (n) and column (K) that absorb the padded neighbour entries
-    B = np.zeros((n + 1, K + 1), dtype=np.float32)
-    spatial = (data @ U.transpose(1, 0, 2).reshape(n_chan, -1)).reshape(n, K, -1)  # [n, K, Nrank]
-    for a in range(0, K, 64):  # per chunk of templates: FFT correlation of each spatial trace with its own W
-        b = min(K, a + 64)
-        length = sfft.next_fast_len(n + nt0 - 1, real=True)
-        spec = sfft.rfft(spatial[:, a:b], n=length, axis=0, workers=-1)
-        kern = sfft.rfft(W[a:b, ::-1, :].transpose(1, 0, 2), n=length, axis=0)
-        B[:n, a:b] = sfft.irfft((spec * kern).sum(axis=2), n=length, axis=0, workers=-1)[nt0 - 1:nt0 - 1 + n]
-    B[last + 1:] = 0
+    B = _template_projections(data, W, U)
     mu = np.asarray(mu, dtype=np.float32)
     lam_mu = np.float32(lam) * mu
 

@@ -1,5 +1,5 @@
 // Kernels of spike detection: correlation with short temporal filters, thresholds on PC projections
-// (mexThSpkPC.cu), prototype matching (mexGetSpikes2.cu) and the peak finder shared with matching pursuit.
+// (mexThSpkPC.cu) and prototype matching (mexGetSpikes2.cu); their peak finder is matching pursuit's (pursuit.cu).
 // Arrays are C-ordered; a batch of traces is x[t * C + c] (time rows). Float arithmetic that the NumPy twin does
 // in several rounded steps uses the explicit _rn intrinsics, so that no fused multiply-add changes the rounding.
 
@@ -184,21 +184,6 @@ extern "C" __global__ void prototype_scores(const float* __restrict__ filtered, 
         err[t] = t <= n - nt0 ? bv : 0.0f;
         channel[t] = bi;
     }
-}
-
-// flags[t] = 1 where err[t] > thr2 and err[t] is a local maximum (see cpu _peaks): err[t] > err[s] for s in
-// [t - L, t) and err[t] >= err[s] for s in (t, t + L]. One thread per sample.
-extern "C" __global__ void peak_flags(const float* __restrict__ err, unsigned char* __restrict__ flags, const int n,
-                                      const int L, const float thr2)
-{
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n) return;
-    const float e = err[t];
-    bool f = e > thr2;
-    for (int s = max(0, t - L); f && s < t; s++) f = e > err[s];
-    const int hi = min(n - 1, t + L);
-    for (int s = t + 1; f && s <= hi; s++) f = e >= err[s];
-    flags[t] = f;
 }
 
 // keep[a] = 0 where a seed of larger height x sits on a channel less than spacing indices away (cleanup_heights).

@@ -223,7 +223,7 @@ def _peaks(err, threshold, lockout):
     n = err.shape[0]
     flags = cp.empty(n, dtype=cp.uint8)
     if n:
-        _launch("detect", "peak_flags", _blocks(n, 256), (256,),
+        _launch("pursuit", "peak_flags", _blocks(n, 256), (256,),
                 (err, flags, _i32(n), _i32(lockout), np.float32(threshold * threshold)))
     return cp.flatnonzero(flags)
 
@@ -329,30 +329,33 @@ def neighbor_xcorr(W, U, neighbors):
     return X
 
 
-_PURSUIT_LOOKAHEAD = 2  # iterations queued on the GPU ahead of the one whose spike count the host reads
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return cp.cuda.Device(device).attributes["MultiProcessorCount"]
 
 
 def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float, n_iter: int,
                   feature_templates=None):
     """See si_ks2py.cpu.ops.match_pursuit.
 
-    Each iteration's spikes go to a list of fixed capacity (peaks are more than nt0 - 1 apart) with its count on
-    the device, and the iteration's kernels read that count there. The host reads each count asynchronously and
-    waits only for the count of the iteration _PURSUIT_LOOKAHEAD back, so the GPU always has work queued; an
-    iteration without spikes ends the pursuit (those that were queued after it find none either: err is
-    unchanged). One host synchronisation per call, at the end.
+    The whole loop of iterations is one launch (pursuit_loop in pursuit.cu: one block per SM, phases separated by
+    a barrier of the grid), so the host neither launches per iteration nor waits for a spike count. Each
+    iteration's spikes go to a list of fixed capacity (peaks are more than nt0 - 1 apart) with its count on the
+    device; one host synchronisation per call, at the end, reads the counts.
     """
     data = _f32(data)
     n, C = data.shape
     W = _f32(W)
     K, nt0, R = W.shape
-    if K == 0:
-        empty = cp.zeros(0, dtype=cp.int64)
-        return (empty, empty.copy(), cp.zeros(0, cp.float32), cp.zeros(0, cp.float32), data.copy(),
-                None if feature_templates is None else cp.zeros((0, 0), cp.float32))
+    ftemp = None if feature_templates is None else _i64(feature_templates)
+    n_near = 0 if ftemp is None else ftemp.shape[1]
+    last = n - nt0
+    if K == 0 or last < 0 or n_iter <= 0:
+        st = cp.zeros(0, dtype=cp.int64)
+        return (st, st.copy(), cp.zeros(0, cp.float32), cp.zeros(0, cp.float32), data.copy(),
+                None if ftemp is None else cp.zeros((0, n_near if K else 0), dtype=cp.float32))
     U, mu, neighbors, xcorr = _f32(U), _f32(mu), _i64(neighbors), _f32(xcorr)
     M = neighbors.shape[1]
-    lockout, last = nt0 - 1, n - nt0
     templates = _dense_templates(W, U)
     B = _template_projections(data, W, U)
     lam_mu = mu * np.float32(lam)  # float32, as np.float32(lam) * mu
@@ -360,55 +363,24 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     denom = np.float32(1 + lam)
     err = cp.zeros(n, dtype=cp.float32)
     ftype = cp.zeros(n, dtype=cp.int32)
-    residual = data.copy()
-    ftemp = None if feature_templates is None else _i64(feature_templates)
-    n_near = 0 if ftemp is None else ftemp.shape[1]
-    if last < 0 or n_iter <= 0:
-        st = cp.zeros(0, dtype=cp.int64)
-        return (st, st.copy(), cp.zeros(0, cp.float32), cp.zeros(0, cp.float32), residual,
-                None if ftemp is None else cp.zeros((0, n_near), dtype=cp.float32))
     _launch("pursuit", "cost_all", _blocks((last + 1) * 32, 256), (256,),
             (B, lam_mu, lmm, err, ftype, _i32(last), _i32(K), denom))
+    residual = data.copy()
     capacity = last // nt0 + 1
     st_all = cp.empty((n_iter, capacity), dtype=cp.int64)
     ids_all = cp.empty((n_iter, capacity), dtype=cp.int64)
     y_all = cp.empty((n_iter, capacity), dtype=cp.float32)
     x_all = cp.empty((n_iter, capacity), dtype=cp.float32)
-    feat_all = None if ftemp is None else cp.empty((n_iter, capacity, n_near), dtype=cp.float32)
+    feat_all = cp.empty((n_iter, capacity, n_near), dtype=cp.float32)
     counts = cp.zeros(n_iter, dtype=cp.int32)
-    host_counts = cupyx.empty_pinned(n_iter, dtype=np.int32)
-    flags = cp.empty(n, dtype=cp.uint8)
-    stream = cp.cuda.get_current_stream()
-    events = []
-    thr2 = np.float32(threshold * threshold)
-    for i in range(n_iter):
-        j = i - _PURSUIT_LOOKAHEAD
-        if j >= 0:
-            events[j].synchronize()
-            if host_counts[j] == 0:
-                break
-        st, ids, y, x, count = st_all[i], ids_all[i], y_all[i], x_all[i], counts[i:i + 1]
-        _launch("detect", "peak_flags", _blocks(n, 256), (256,), (err, flags, _i32(n), _i32(lockout), thr2))
-        _launch("pursuit", "collect_spikes", (1,), (1024,),
-                (flags, B, err, ftype, st, ids, y, x, count, _i32(n), _i32(K), _i32(capacity)))
-        if n_near:
-            _launch("pursuit", "pursuit_features", _blocks(capacity * n_near, 128), (128,),
-                    (st, ids, ftemp, B, mu, feat_all[i], count, _i32(n_near), _i32(K), _i32(last), np.float32(lam)))
-        _launch("pursuit", "subtract_spikes", (capacity,), (256,), (residual, templates, st, ids, y, count, _i32(nt0),
-                                                                     _i32(C)))
-        for parity in (0, 1):  # spikes of one parity have disjoint update windows
-            blocks = (capacity - parity + 1) // 2
-            if blocks and M:
-                _launch("pursuit", "update_projections", (blocks,), (256,),
-                        (B, st, ids, y, neighbors, xcorr, count, _i32(parity), _i32(M), _i32(nt0), _i32(K),
-                         _i32(last)))
-        _launch("pursuit", "cost_near_spikes", (capacity,), (256,),
-                (B, lam_mu, lmm, err, ftype, st, count, _i32(lockout), _i32(last), _i32(K), denom))
-        cp.cuda.runtime.memcpyAsync(host_counts.ctypes.data + 4 * i, count.data.ptr, 4,
-                                    cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
-        events.append(stream.record())
-    events[-1].synchronize()
-    found = np.asarray(host_counts[:len(events)], dtype=np.int64)
+    grid = _sm_count(cp.cuda.Device().id)  # one block per SM: every block resident (the loop's barrier needs it)
+    scratch = (cp.empty(n, dtype=cp.uint8), cp.empty(grid, dtype=cp.int32), cp.zeros(2, dtype=cp.uint32))
+    _launch("pursuit", "pursuit_loop", (grid,), (1024,),
+            (B, err, ftype, residual, templates, lam_mu, lmm, mu, neighbors, xcorr,
+             ftemp if ftemp is not None else neighbors) + scratch
+            + (st_all, ids_all, y_all, x_all, feat_all, counts, _i32(n), _i32(C), _i32(K), _i32(nt0), _i32(M),
+               _i32(n_near), _i32(n_iter), _i32(capacity), np.float32(threshold * threshold), np.float32(lam), denom))
+    found = to_host(counts).astype(np.int64)
     total = int(found.sum())
     # the spikes of every iteration, one flat index into the [n_iter, capacity] lists
     index = cp.asarray(np.concatenate([i * capacity + np.arange(c) for i, c in enumerate(found)]))

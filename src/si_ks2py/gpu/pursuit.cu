@@ -68,10 +68,9 @@ extern "C" __global__ void template_projections(const float* __restrict__ spatia
 
 // Cost of row t, computed by one warp: C[t, k] = (max(B, 0) + lam_mu_k)^2 / denom - lmm_k (lmm = lam_mu * mu);
 // err[t] = max(0, max_k C[t, k]), ftype[t] = first argmax.
-__device__ __forceinline__ void cost_row(const float* __restrict__ B, const float* __restrict__ lam_mu,
-                                         const float* __restrict__ lmm, float* __restrict__ err,
-                                         int* __restrict__ ftype, const long long t, const int K,
-                                         const float denom)
+__device__ __forceinline__ void cost_row(const float* B, const float* __restrict__ lam_mu,
+                                         const float* __restrict__ lmm, float* err, int* ftype, const long long t,
+                                         const int K, const float denom)
 {
     const int lane = threadIdx.x & 31;
     float bv = -__int_as_float(0x7f800000);
@@ -109,136 +108,220 @@ extern "C" __global__ void cost_all(const float* __restrict__ B, const float* __
     cost_row(B, lam_mu, lmm, err, ftype, t, K, denom);
 }
 
-// The kernels below take the iteration's spike count from device memory (written by collect_spikes): they are
-// launched for the capacity of the spike list and their spare blocks return at once, so that the host never
-// waits for a count inside the pursuit.
-
-// Cost of the rows st[s] - L .. st[s] + L (within [0, last]) around spike s = blockIdx.x; one warp per row. Rows
-// shared by two spikes are computed twice from the same B, with the same result.
-extern "C" __global__ void cost_near_spikes(const float* __restrict__ B, const float* __restrict__ lam_mu,
-                                            const float* __restrict__ lmm, float* __restrict__ err,
-                                            int* __restrict__ ftype, const long long* __restrict__ st,
-                                            const int* __restrict__ count, const int L, const int last, const int K,
-                                            const float denom)
+// flags[t] = 1 where err[t] > thr2 and err[t] is a local maximum (see cpu _peaks): err[t] > err[s] for s in
+// [t - L, t) and err[t] >= err[s] for s in (t, t + L]. So peaks are more than L samples apart.
+__device__ __forceinline__ bool is_peak(const float* err, const int t, const int n, const int L, const float thr2)
 {
-    if ((int)blockIdx.x >= *count) return;
-    const long long first = st[blockIdx.x] - L;
-    for (int j = threadIdx.x >> 5; j < 2 * L + 1; j += blockDim.x >> 5) {
-        const long long t = first + j;
-        if (t >= 0 && t <= last) cost_row(B, lam_mu, lmm, err, ftype, t, K, denom);
-    }
+    const float e = err[t];
+    bool f = e > thr2;
+    for (int s = max(0, t - L); f && s < t; s++) f = e > err[s];
+    const int hi = min(n - 1, t + L);
+    for (int s = t + 1; f && s <= hi; s++) f = e >= err[s];
+    return f;
 }
 
-// The spikes of one iteration from its peak flags [n] (detect.cu's peak_flags), in time order: st, template,
-// amplitude and score of each, and their count. One block: each thread takes a run of consecutive samples, and
-// an exclusive scan of the threads' counts gives where each run's spikes go. Peaks are more than nt0 - 1 apart,
-// so the capacity n / nt0 + 1 always suffices (the bound is kept anyway).
-#define COLLECT_THREADS 1024
-extern "C" __global__ void collect_spikes(const unsigned char* __restrict__ flags, const float* __restrict__ B,
-                                          const float* __restrict__ err, const int* __restrict__ ftype,
-                                          long long* __restrict__ st, long long* __restrict__ ids,
-                                          float* __restrict__ y, float* __restrict__ x, int* __restrict__ count,
-                                          const int n, const int K, const int capacity)
+// One thread per sample.
+extern "C" __global__ void peak_flags(const float* __restrict__ err, unsigned char* __restrict__ flags, const int n,
+                                      const int L, const float thr2)
 {
-    __shared__ int warp_total[COLLECT_THREADS / 32];
-    const int run = (n + COLLECT_THREADS - 1) / COLLECT_THREADS;
-    const int begin = min(n, threadIdx.x * run), end = min(n, begin + run);
-    int mine = 0;
-    for (int t = begin; t < end; t++) mine += flags[t];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int inclusive = mine;
-    for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
-        if (lane >= o) inclusive += v;
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) flags[t] = is_peak(err, t, n, L, thr2);
+}
+
+// ---- the whole pursuit of one batch in one launch -------------------------------------------------------------
+// pursuit_loop runs every iteration of mexMPnu8's loop as phases separated by a barrier of the whole grid, with
+// one block per SM (so that every block is resident and the barrier cannot wait for a block that never starts).
+// Arrays written during the launch are read through plain pointers (no __restrict__, no read-only cache).
+
+#define LOOP_THREADS 1024
+#define LOOP_WARPS (LOOP_THREADS / 32)
+
+// Every block of the grid waits here for the others. As in cooperative groups' grid sync: thread 0 of each block
+// arrives on a counter; the last to arrive resets it and advances the epoch that the others wait on; the fences
+// make each block's writes before the barrier visible to every block after it.
+__device__ __forceinline__ void grid_barrier(unsigned int* arrived, volatile unsigned int* epoch)
+{
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned int seen = *epoch;
+        __threadfence();
+        if (atomicAdd(arrived, 1u) == gridDim.x - 1) {
+            atomicExch(arrived, 0u);
+            __threadfence();
+            atomicAdd((unsigned int*)epoch, 1u);
+        } else {
+            while (*epoch == seen) {
+#if __CUDA_ARCH__ >= 700
+                __nanosleep(32);
+#endif
+            }
+        }
+        __threadfence();
     }
-    if (lane == 31) warp_total[warp] = inclusive;
+    __syncthreads();
+}
+
+// Exclusive prefix sum of one value per thread over the block (blockDim.x == LOOP_THREADS <= 1024); *total gets
+// the sum.
+__device__ __forceinline__ int block_exclusive_scan(const int v, int* total)
+{
+    __shared__ int warp_sums[LOOP_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int inclusive = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int u = __shfl_up_sync(0xffffffffu, inclusive, o);
+        if (lane >= o) inclusive += u;
+    }
+    if (lane == 31) warp_sums[warp] = inclusive;
     __syncthreads();
     if (warp == 0) {
-        int w = lane < COLLECT_THREADS / 32 ? warp_total[lane] : 0;
+        int w = lane < LOOP_WARPS ? warp_sums[lane] : 0;
         for (int o = 1; o < 32; o <<= 1) {
-            const int v = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += v;
+            const int u = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += u;
         }
-        if (lane < COLLECT_THREADS / 32) warp_total[lane] = w;  // inclusive over warps
+        if (lane < LOOP_WARPS) warp_sums[lane] = w;  // inclusive over the warps
     }
     __syncthreads();
-    int position = inclusive - mine + (warp ? warp_total[warp - 1] : 0);
-    if (threadIdx.x == COLLECT_THREADS - 1) *count = min(capacity, position + mine);
-    for (int t = begin; t < end && position < capacity; t++) {
-        if (!flags[t]) continue;
-        const int k = ftype[t];
-        st[position] = t;
-        ids[position] = k;
-        y[position] = B[(size_t)t * K + k];
-        x[position] = __fsqrt_rn(err[t]);
-        position++;
-    }
+    const int exclusive = inclusive - v + (warp ? warp_sums[warp - 1] : 0);
+    *total = warp_sums[LOOP_WARPS - 1];
+    __syncthreads();  // warp_sums is reused by the next call
+    return exclusive;
 }
 
-// Template features (extractFEAT) from B at detection: for f = ftemp[ids[s], q],
-// feat[s, q] = max(0, max_{tau in [-3, 2]} (B[clip(st + tau, 0, last), f] + lam / mu_f) / sqrt(1 + lam / mu_f^2)).
-extern "C" __global__ void pursuit_features(const long long* __restrict__ st, const long long* __restrict__ ids,
-                                            const long long* __restrict__ ftemp, const float* __restrict__ B,
-                                            const float* __restrict__ mu, float* __restrict__ feat,
-                                            const int* __restrict__ count, const int n_near, const int K,
-                                            const int last, const float lam)
+// Iteration `it` writes its spikes to st/ids/y/x[it * capacity + s] (s < counts[it], time order) and their template
+// features to feat[(it * capacity + s) * n_near + q]; the loop ends after n_iter iterations or at the first that
+// finds no spike. Per iteration: (1) each block flags the peaks among its rows of err and counts them; (2) each
+// block writes its rows' spikes after those of the blocks before it (template, amplitude, score), and their
+// features from B at detection; (3) the residual loses each spike's template, and B is updated around the even
+// spikes, then (4) around the odd ones (spikes of one parity are >= 2 * nt0 apart, so their windows are
+// disjoint); (5) the cost of the rows around each spike is recomputed. flags [n] uint8, block_count [grid] int32
+// and sync [2] uint32 (zeros) are scratch space.
+extern "C" __global__ void __launch_bounds__(LOOP_THREADS, 1)
+pursuit_loop(float* B, float* err, int* ftype, float* residual, const float* __restrict__ T,
+             const float* __restrict__ lam_mu, const float* __restrict__ lmm, const float* __restrict__ mu,
+             const long long* __restrict__ neighbors, const float* __restrict__ xcorr,
+             const long long* __restrict__ ftemp, unsigned char* flags, int* block_count, unsigned int* sync,
+             long long* st_all, long long* ids_all, float* y_all, float* x_all, float* feat_all, int* counts,
+             const int n, const int C, const int K, const int nt0, const int M, const int n_near, const int n_iter,
+             const int capacity, const float thr2, const float lam, const float denom)
 {
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= (long long)(*count) * n_near) return;
-    const long long s = e / n_near;
-    const int q = (int)(e % n_near);
-    const long long f = ftemp[ids[s] * n_near + q];
-    const float m = mu[f];
-    const float shift = __fdiv_rn(lam, m);
-    const float scale = __fsqrt_rn(__fadd_rn(1.0f, __fdiv_rn(lam, __fmul_rn(m, m))));
-    float best = -__int_as_float(0x7f800000);
-    for (int tau = -3; tau < 3; tau++) {
-        long long t = st[s] + tau;
-        t = t < 0 ? 0 : (t > last ? last : t);
-        best = fmaxf(best, __fdiv_rn(__fadd_rn(B[t * K + f], shift), scale));
-    }
-    feat[e] = fmaxf(0.0f, best);
-}
+    __shared__ int block_offset, spike_total;
+    const int L = nt0 - 1, last = n - nt0, J = 2 * nt0 - 1;
+    const int G = gridDim.x, b = blockIdx.x, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int rows = (n + G - 1) / G;
+    const int row0 = min(n, b * rows), row1 = min(n, row0 + rows);
+    for (int it = 0; it < n_iter; it++) {
+        long long* st = st_all + (size_t)it * capacity;
+        long long* ids = ids_all + (size_t)it * capacity;
+        float* y = y_all + (size_t)it * capacity;
+        float* x = x_all + (size_t)it * capacity;
+        float* feat = feat_all + (size_t)it * capacity * n_near;
 
-// residual[st + i, c] -= y * T[id, i, c]; one block per spike (the windows of one iteration are disjoint).
-extern "C" __global__ void subtract_spikes(float* __restrict__ residual, const float* __restrict__ T,
-                                           const long long* __restrict__ st, const long long* __restrict__ ids,
-                                           const float* __restrict__ y, const int* __restrict__ count,
-                                           const int nt0, const int C)
-{
-    const int s = blockIdx.x;
-    if (s >= *count) return;
-    const float* tk = T + (size_t)ids[s] * nt0 * C;
-    float* r = residual + (size_t)st[s] * C;
-    const float ys = y[s];
-    for (int e = threadIdx.x; e < nt0 * C; e += blockDim.x) r[e] = __fsub_rn(r[e], __fmul_rn(ys, tk[e]));
-}
+        // (1) peaks
+        int mine = 0;
+        for (int t = row0 + tid; t < row1; t += LOOP_THREADS) {
+            const unsigned char f = is_peak(err, t, n, L, thr2);
+            flags[t] = f;
+            mine += f;
+        }
+        int block_total;
+        block_exclusive_scan(mine, &block_total);
+        if (tid == 0) block_count[b] = block_total;
+        grid_barrier(sync, sync + 1);
 
-// B[st + j - (nt0 - 1), nb] -= y * xcorr[id, m, j] for nb = neighbors[id, m] < K and rows within [0, last], for the
-// spikes 2 * blockIdx.x + parity of the time-sorted list: spikes of one parity are >= 2 * nt0 apart, so their
-// update windows are disjoint; the two parities run as two launches, even first, as in the NumPy twin.
-extern "C" __global__ void update_projections(float* __restrict__ B, const long long* __restrict__ st,
-                                              const long long* __restrict__ ids, const float* __restrict__ y,
-                                              const long long* __restrict__ neighbors,
-                                              const float* __restrict__ xcorr, const int* __restrict__ count,
-                                              const int parity, const int M, const int nt0, const int K,
-                                              const int last)
-{
-    const int s = 2 * blockIdx.x + parity;
-    if (s >= *count) return;
-    const int J = 2 * nt0 - 1;
-    const long long id = ids[s];
-    const long long t0 = st[s] - (nt0 - 1);
-    const float ys = y[s];
-    const long long* nb = neighbors + id * M;
-    const float* xc = xcorr + id * M * J;
-    for (int e = threadIdx.x; e < M * J; e += blockDim.x) {
-        const int j = e / M, m = e % M;  // m fastest: neighbouring templates are adjacent columns of B
-        const long long k = nb[m];
-        const long long t = t0 + j;
-        if (k >= K || k < 0 || t < 0 || t > last) continue;
-        float* b = B + t * K + k;
-        *b = __fsub_rn(*b, __fmul_rn(ys, xc[(size_t)m * J + j]));
+        // (2) spikes in time order: this block's after those of the blocks before it
+        if (warp == 0) {
+            int before = 0, all = 0;
+            for (int q = lane; q < G; q += 32) {
+                const int c = block_count[q];
+                all += c;
+                if (q < b) before += c;
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                before += __shfl_down_sync(0xffffffffu, before, o);
+                all += __shfl_down_sync(0xffffffffu, all, o);
+            }
+            if (lane == 0) {
+                block_offset = before;
+                spike_total = min(all, capacity);
+            }
+        }
+        __syncthreads();
+        const int total = spike_total, first = block_offset;
+        if (b == 0 && tid == 0) counts[it] = total;
+        if (total == 0) break;  // the same decision in every block: all read the same block counts
+        int position = first;
+        for (int base = row0; base < row1; base += LOOP_THREADS) {
+            const int t = base + tid;
+            const int f = t < row1 ? flags[t] : 0;
+            int chunk;
+            const int p = position + block_exclusive_scan(f, &chunk);
+            if (f && p < capacity) {
+                const int k = ftype[t];
+                st[p] = t;
+                ids[p] = k;
+                y[p] = B[(size_t)t * K + k];
+                x[p] = __fsqrt_rn(err[t]);
+            }
+            position += chunk;
+        }
+        __syncthreads();
+        // template features (extractFEAT): for f = ftemp[ids[s], q],
+        // feat[s, q] = max(0, max_{tau in [-3, 2]} (B[clip(st + tau, 0, last), f] + lam / mu_f) / sqrt(1 + lam / mu_f^2))
+        const int own = min(position, capacity) - first;
+        for (int e = tid; e < own * n_near; e += LOOP_THREADS) {
+            const int s = first + e / n_near, q = e % n_near;
+            const long long f = ftemp[ids[s] * n_near + q];
+            const float m = mu[f];
+            const float shift = __fdiv_rn(lam, m);
+            const float scale = __fsqrt_rn(__fadd_rn(1.0f, __fdiv_rn(lam, __fmul_rn(m, m))));
+            float best = -__int_as_float(0x7f800000);
+            for (int tau = -3; tau < 3; tau++) {
+                long long t = st[s] + tau;
+                t = t < 0 ? 0 : (t > last ? last : t);
+                best = fmaxf(best, __fdiv_rn(__fadd_rn(B[t * K + f], shift), scale));
+            }
+            feat[(size_t)s * n_near + q] = fmaxf(0.0f, best);
+        }
+        grid_barrier(sync, sync + 1);
+
+        // (3) residual[st + i, c] -= y * T[id, i, c]; then (3, 4) B[st + j - (nt0 - 1), nb] -= y * xcorr[id, m, j]
+        // for nb = neighbors[id, m] < K and rows within [0, last]
+        for (int s = b; s < total; s += G) {
+            const float* tk = T + (size_t)ids[s] * nt0 * C;
+            float* r = residual + (size_t)st[s] * C;
+            const float ys = y[s];
+            for (int e = tid; e < nt0 * C; e += LOOP_THREADS) r[e] = __fsub_rn(r[e], __fmul_rn(ys, tk[e]));
+        }
+        for (int parity = 0; parity < 2; parity++) {
+            for (int s = 2 * b + parity; s < total; s += 2 * G) {
+                const long long id = ids[s];
+                const long long t0 = st[s] - L;
+                const float ys = y[s];
+                const long long* nb = neighbors + id * M;
+                const float* xc = xcorr + id * M * J;
+                for (int e = tid; e < M * J; e += LOOP_THREADS) {
+                    const int j = e / M, m = e % M;  // m fastest: neighbouring templates are adjacent columns of B
+                    const long long k = nb[m];
+                    const long long t = t0 + j;
+                    if (k >= K || k < 0 || t < 0 || t > last) continue;
+                    float* bk = B + t * K + k;
+                    *bk = __fsub_rn(*bk, __fmul_rn(ys, xc[(size_t)m * J + j]));
+                }
+            }
+            grid_barrier(sync, sync + 1);
+        }
+
+        // (5) cost of the rows st[s] - L .. st[s] + L within [0, last], one warp per row (rows shared by two spikes
+        // are computed twice from the same B, with the same result)
+        for (long long w = (long long)b * LOOP_WARPS + warp; w < (long long)total * (2 * L + 1);
+             w += (long long)G * LOOP_WARPS) {
+            const long long t = st[w / (2 * L + 1)] - L + w % (2 * L + 1);
+            if (t >= 0 && t <= last) cost_row(B, lam_mu, lmm, err, ftype, t, K, denom);
+        }
+        grid_barrier(sync, sync + 1);
     }
 }
 
