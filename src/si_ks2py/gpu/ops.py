@@ -386,7 +386,7 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     index = cp.asarray(np.concatenate([i * capacity + np.arange(c) for i, c in enumerate(found)]))
     st, ids, y, x = (a.ravel()[index] for a in (st_all, ids_all, y_all, x_all))
     order = cp.argsort(st * max(total, 1) + cp.arange(total, dtype=cp.int64))  # by time, then iteration: stable
-    feats = None if ftemp is None else feat_all.reshape(-1, n_near)[index][order]
+    feats = None if ftemp is None else feat_all.reshape(n_iter * capacity, n_near)[index][order]
     return st[order], ids[order], y[order], x[order], residual, feats
 
 
