@@ -21,8 +21,8 @@ HERE = Path(__file__).parent
 KERNEL = HERE.parent.parent / "src" / "si_ks2py" / "gpu" / "pursuit.cu"
 # the part of pursuit.cu that pursuit_loop needs: from cost_row to the end of pursuit_loop
 SECTION = ("// Cost of row t, computed by one warp", "// dwu[k, i, c] = sum over the spikes")
-POINTERS = ("B err ftype residual T lam_mu lmm mu neighbors xcorr ftemp flags block_count sync st_all ids_all y_all "
-            "x_all feat_all counts").split()
+GIVEN = ("B", "err", "ftype", "residual", "T", "lam_mu", "lmm", "mu", "neighbors", "xcorr", "ftemp")
+POINTERS = GIVEN + ("flags", "block_count", "sync", "st_all", "ids_all", "y_all", "x_all", "feat_all", "counts")
 INTS = ("n", "C", "K", "nt0", "M", "n_near", "n_iter", "capacity")
 FLOATS = ("thr2", "lam", "denom")
 
@@ -61,7 +61,7 @@ def main(inputs: str, outputs: str, grid: int, threads: int):
     nt0, n_near, n_iter = given["T"].shape[1], given["ftemp"].shape[1], int(given["n_iter"])
     capacity = (n - nt0) // nt0 + 1
     keep = []
-    arrays = {name: shared(given[name], keep) for name in POINTERS[:11]}
+    arrays = {name: shared(given[name], keep) for name in GIVEN}
     arrays.update(flags=shared(np.zeros(n, np.uint8), keep), block_count=shared(np.zeros(grid, np.int32), keep),
                   sync=shared(np.zeros(2, np.uint32), keep),
                   st_all=shared(np.zeros((n_iter, capacity), np.int64), keep),

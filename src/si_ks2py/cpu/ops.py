@@ -380,10 +380,10 @@ def segment_gram(x, counts, weight):
 
 
 def _running_mean(x, sigma: float):
-    radius = int(4 * sigma + 0.5)
-    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     from scipy import signal
 
+    radius = int(4 * sigma + 0.5)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     smooth = signal.fftconvolve(x, kernel[:, None], mode="same", axes=0)
     weight = signal.fftconvolve(np.ones(len(x)), kernel, mode="same")
     return smooth / weight[:, None]
