@@ -4,13 +4,17 @@
 // in several rounded steps uses the explicit _rn intrinsics, so that no fused multiply-add changes the rounding.
 
 #define CV_TT 64  // window starts per block of correlate_valid
+#define CV_P 8    // consecutive window starts per thread (8 row lanes x CV_P = CV_TT)
 
-// out[t, c, f] = sum_i filters[i, f] * x[t + i, c] for t <= n - nt0, 0 beyond.
-// Grid (ceil(n / CV_TT), ceil(C / 32)), block (32, 8): 32 channels x 8 row lanes over CV_TT window starts. The
-// filters and the tile's samples are staged in dynamic shared memory: nt0 * F + (CV_TT + nt0 - 1) * 32 floats.
-extern "C" __global__ void correlate_valid(const float* __restrict__ x, const float* __restrict__ filters,
-                                           float* __restrict__ out, const int n, const int C, const int nt0,
-                                           const int F)
+// out[t, c, f] = sum_i filters[i, f] * x[t + i, c] for t <= n - nt0, 0 beyond, summed over i ascending.
+// Grid (ceil(n / CV_TT), ceil(C / 32)), block (32, 8): 32 channels x 8 row lanes, each lane CV_P consecutive
+// window starts and FW filters at a time, so that a filter value read from shared memory serves CV_P sums and
+// a sample serves FW. The filters and the tile's samples are staged in dynamic shared memory:
+// nt0 * F + (CV_TT + nt0 - 1) * 32 floats.
+template <int FW>
+__device__ __forceinline__ void correlate_tile(const float* __restrict__ x, const float* __restrict__ filters,
+                                               float* __restrict__ out, const int n, const int C, const int nt0,
+                                               const int F)
 {
     extern __shared__ float shared[];
     float* fs = shared;
@@ -26,28 +30,49 @@ extern "C" __global__ void correlate_valid(const float* __restrict__ x, const fl
     }
     __syncthreads();
     if (c >= C) return;
-    for (int tt = row; tt < CV_TT; tt += 8) {
-        const int t = t0 + tt;
-        if (t >= n) break;
-        float* o = out + ((size_t)t * C + c) * F;
-        for (int f0 = 0; f0 < F; f0 += 8) {
-            float acc[8];
+    const float* xr = xs + row * CV_P * 32 + lane;
+    for (int f0 = 0; f0 < F; f0 += FW) {
+        float acc[CV_P][FW];
 #pragma unroll
-            for (int q = 0; q < 8; q++) acc[q] = 0.0f;
-            if (t <= last) {
-                for (int i = 0; i < nt0; i++) {
-                    const float v = xs[(tt + i) * 32 + lane];
-                    const float* fi = fs + i * F + f0;
+        for (int p = 0; p < CV_P; p++)
 #pragma unroll
-                    for (int q = 0; q < 8; q++)
-                        if (f0 + q < F) acc[q] = fmaf(fi[q], v, acc[q]);
-                }
+            for (int q = 0; q < FW; q++) acc[p][q] = 0.0f;
+        for (int i = 0; i < nt0; i++) {
+            float w[FW];
+#pragma unroll
+            for (int q = 0; q < FW; q++) w[q] = f0 + q < F ? fs[i * F + f0 + q] : 0.0f;
+#pragma unroll
+            for (int p = 0; p < CV_P; p++) {
+                const float v = xr[(p + i) * 32];
+#pragma unroll
+                for (int q = 0; q < FW; q++) acc[p][q] = fmaf(w[q], v, acc[p][q]);
             }
+        }
 #pragma unroll
-            for (int q = 0; q < 8; q++)
-                if (f0 + q < F) o[f0 + q] = acc[q];
+        for (int p = 0; p < CV_P; p++) {
+            const int t = t0 + row * CV_P + p;
+            if (t >= n) break;
+            float* o = out + ((size_t)t * C + c) * F;
+#pragma unroll
+            for (int q = 0; q < FW; q++)
+                if (f0 + q < F) o[f0 + q] = t <= last ? acc[p][q] : 0.0f;
         }
     }
+}
+
+// up to 4 filters (the waveform PCs) and any number, 8 at a time (the prototypes)
+extern "C" __global__ void correlate_valid4(const float* __restrict__ x, const float* __restrict__ filters,
+                                            float* __restrict__ out, const int n, const int C, const int nt0,
+                                            const int F)
+{
+    correlate_tile<4>(x, filters, out, n, C, nt0, F);
+}
+
+extern "C" __global__ void correlate_valid8(const float* __restrict__ x, const float* __restrict__ filters,
+                                            float* __restrict__ out, const int n, const int C, const int nt0,
+                                            const int F)
+{
+    correlate_tile<8>(x, filters, out, n, C, nt0, F);
 }
 
 // norm[i] = sqrt(sum_p proj[i, p]^2), summed in double in p order and rounded to float; one thread per (t, c).
@@ -111,78 +136,108 @@ __device__ __forceinline__ void argmax_merge(float& v, int& k, const float v2, c
     }
 }
 
-// Block-wide argmax of (v, k) held by each thread; the result is valid in thread 0. blockDim.x multiple of 32.
-__device__ __forceinline__ void block_argmax(float& v, int& k)
+#define PS_MAXSUM 8                                   // nearest channels a score sums over, at most
+#define PS_ENTRIES (PS_MAXSUM * (PS_MAXSUM + 1) / 2)  // rows of sorted_nearest
+#define PS_TILE 4                                     // window starts per block of prototype_scores, at most
+
+// table[(j * (j + 1) / 2 + q) * C + i] = the q-th smallest channel of iC[i, :j + 1], for j < n_sum; one thread per
+// channel i.
+extern "C" __global__ void sorted_nearest(const long long* __restrict__ iC, int* __restrict__ table, const int C,
+                                          const int n_near, const int n_sum)
 {
-    __shared__ float sv[32];
-    __shared__ int sk[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        const float v2 = __shfl_down_sync(0xffffffffu, v, o);
-        const int k2 = __shfl_down_sync(0xffffffffu, k, o);
-        argmax_merge(v, k, v2, k2);
-    }
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
-    if (lane == 0) {
-        sv[warp] = v;
-        sk[warp] = k;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < n_warps ? sv[lane] : -__int_as_float(0x7f800000);
-        k = lane < n_warps ? sk[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1) {
-            const float v2 = __shfl_down_sync(0xffffffffu, v, o);
-            const int k2 = __shfl_down_sync(0xffffffffu, k, o);
-            argmax_merge(v, k, v2, k2);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= C) return;
+    int sorted[PS_MAXSUM];
+    for (int j = 0; j < n_sum; j++) {
+        const int ch = (int)iC[(size_t)i * n_near + j];
+        int q = j;
+        while (q > 0 && sorted[q - 1] > ch) {
+            sorted[q] = sorted[q - 1];
+            q--;
         }
+        sorted[q] = ch;
+        for (q = 0; q <= j; q++) table[(j * (j + 1) / 2 + q) * C + i] = sorted[q];
     }
 }
-
-#define PS_MAXSUM 32
 
 // Prototype scores (mexGetSpikes2.cu): for channel i, S_r(j) = sum of filtered[t, c, r] over the j + 1 nearest
 // channels c of iC[i, :j + 1] and best[t, i] = max over j < n_sum (<= PS_MAXSUM) and r of S_r(j)^2 / (j + 1);
 // err[t] = max_i best[t, i] (0 for t > n - nt0) and channel[t] its first argmax. Each S_r(j) is summed afresh in
-// ascending channel order, as the NumPy twin's matrix product does: channels whose nearest sets coincide then
-// tie exactly, and the argmax goes to the first of them as on the CPU (a running sum in nearest-first order
-// would break such ties by rounding). One block per window start t; the row filtered[t] ([C, R]) is staged in
-// dynamic shared memory (C * R floats).
-extern "C" __global__ void prototype_scores(const float* __restrict__ filtered, const long long* __restrict__ iC,
+// ascending channel order (the channels from sorted_nearest), as the NumPy twin's matrix product does: channels
+// whose nearest sets coincide then tie exactly, and the argmax goes to the first of them as on the CPU (a running
+// sum in nearest-first order would break such ties by rounding). One block per `tile` (<= PS_TILE) window starts,
+// a thread per channel (looping when C > blockDim.x, a multiple of 32): a thread's sorted channels stay in
+// registers for the whole tile. The tile's rows are staged in dynamic shared memory as [tile, R, C + 1] floats
+// (channel-contiguous, padded: neighbouring threads read neighbouring banks).
+extern "C" __global__ void prototype_scores(const float* __restrict__ filtered, const int* __restrict__ table,
                                             float* __restrict__ err, long long* __restrict__ channel,
-                                            const int n, const int C, const int R, const int n_near,
-                                            const int n_sum, const int nt0)
+                                            const int n, const int C, const int R, const int n_sum,
+                                            const int nt0, const int tile)
 {
-    extern __shared__ float row[];
-    const int t = blockIdx.x;
-    for (int k = threadIdx.x; k < C * R; k += blockDim.x) row[k] = filtered[(size_t)t * C * R + k];
-    __syncthreads();
-    float bv = -__int_as_float(0x7f800000);
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        int sorted[PS_MAXSUM];  // the channels iC[i, :j + 1], ascending
-        float best = 0.0f;
-        for (int j = 0; j < n_sum; j++) {
-            const int ch = (int)iC[(size_t)i * n_near + j];
-            int q = j;
-            while (q > 0 && sorted[q - 1] > ch) {
-                sorted[q] = sorted[q - 1];
-                q--;
-            }
-            sorted[q] = ch;
-            float m = 0.0f;  // squares are >= 0
-            for (int r = 0; r < R; r++) {
-                float s = 0.0f;
-                for (int a = 0; a <= j; a++) s = __fadd_rn(s, row[sorted[a] * R + r]);
-                m = fmaxf(m, __fmul_rn(s, s));
-            }
-            best = fmaxf(best, __fdiv_rn(m, (float)(j + 1)));
-        }
-        argmax_merge(bv, bi, best, i);
+    extern __shared__ float rows[];
+    __shared__ float warp_v[PS_TILE][32];
+    __shared__ int warp_k[PS_TILE][32];
+    const int t0 = blockIdx.x * tile;
+    const int Cp = C + 1;
+    const int width = C * R;
+    for (int e = threadIdx.x; e < tile * width; e += blockDim.x) {
+        const int tt = e / width, c = (e % width) / R, r = e % R;
+        rows[(tt * R + r) * Cp + c] = t0 + tt < n ? filtered[(size_t)t0 * width + e] : 0.0f;
     }
-    block_argmax(bv, bi);
-    if (threadIdx.x == 0) {
-        err[t] = t <= n - nt0 ? bv : 0.0f;
-        channel[t] = bi;
+    __syncthreads();
+    float bv[PS_TILE];
+    int bi[PS_TILE];
+#pragma unroll
+    for (int tt = 0; tt < PS_TILE; tt++) {
+        bv[tt] = -__int_as_float(0x7f800000);
+        bi[tt] = 0x7fffffff;
+    }
+    const int entries = n_sum * (n_sum + 1) / 2;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        int sc[PS_ENTRIES];
+#pragma unroll
+        for (int e = 0; e < PS_ENTRIES; e++) sc[e] = e < entries ? table[(size_t)e * C + i] : 0;
+#pragma unroll
+        for (int tt = 0; tt < PS_TILE; tt++) {
+            if (tt >= tile) break;
+            float best = 0.0f;
+#pragma unroll
+            for (int j = 0; j < PS_MAXSUM; j++) {
+                if (j >= n_sum) break;
+                float m = 0.0f;  // squares are >= 0
+                for (int r = 0; r < R; r++) {
+                    const float* v = rows + (tt * R + r) * Cp;
+                    float s = 0.0f;
+#pragma unroll
+                    for (int q = 0; q <= j; q++) s = __fadd_rn(s, v[sc[j * (j + 1) / 2 + q]]);
+                    m = fmaxf(m, __fmul_rn(s, s));
+                }
+                best = fmaxf(best, __fdiv_rn(m, (float)(j + 1)));
+            }
+            argmax_merge(bv[tt], bi[tt], best, i);
+        }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+#pragma unroll
+    for (int tt = 0; tt < PS_TILE; tt++) {
+        for (int o = 16; o > 0; o >>= 1) {
+            const float v2 = __shfl_down_sync(0xffffffffu, bv[tt], o);
+            const int k2 = __shfl_down_sync(0xffffffffu, bi[tt], o);
+            argmax_merge(bv[tt], bi[tt], v2, k2);
+        }
+        if (lane == 0) {
+            warp_v[tt][warp] = bv[tt];
+            warp_k[tt][warp] = bi[tt];
+        }
+    }
+    __syncthreads();
+    const int tt = threadIdx.x;
+    if (tt < tile && t0 + tt < n) {
+        float v = warp_v[tt][0];
+        int k = warp_k[tt][0];
+        for (int w = 1; w < n_warps; w++) argmax_merge(v, k, warp_v[tt][w], warp_k[tt][w]);
+        err[t0 + tt] = t0 + tt <= n - nt0 ? v : 0.0f;
+        channel[t0 + tt] = k;
     }
 }
 

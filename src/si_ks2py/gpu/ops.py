@@ -41,6 +41,9 @@ def _blocks(n: int, threads: int) -> tuple[int]:
 _DEFAULT_SHARED_BYTES = 48 * 1024
 _PROJECTION_CHUNK_BYTES = 2 ** 28  # spatial projections of one chunk of templates in match_pursuit
 _CV_TT = 64  # window starts per block of correlate_valid (CV_TT in detect.cu)
+_PS_MAXSUM, _PS_TILE = 8, 4  # PS_MAXSUM, PS_TILE in detect.cu
+_PS_SHARED_BYTES = 64 * 1024  # staged rows of one prototype_scores block (a tile of window starts)
+_MAX_SHARED_BYTES = 227 * 1024  # dynamic shared memory of a block (compute capability 8.0 and later)
 
 
 def _launch(file: str, function: str, grid, block, args, shared_mem: int = 0):
@@ -213,8 +216,8 @@ def correlate_valid(x, filters):
     if out.size == 0:
         return out
     shared = 4 * (nt0 * F + (_CV_TT + nt0 - 1) * 32)
-    _launch("detect", "correlate_valid", ((n + _CV_TT - 1) // _CV_TT, (C + 31) // 32), (32, 8),
-            (x, filters, out, _i32(n), _i32(C), _i32(nt0), _i32(F)), shared)
+    _launch("detect", "correlate_valid4" if F <= 4 else "correlate_valid8", ((n + _CV_TT - 1) // _CV_TT, (C + 31) // 32),
+            (32, 8), (x, filters, out, _i32(n), _i32(C), _i32(nt0), _i32(F)), shared)
     return out
 
 
@@ -258,17 +261,24 @@ def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spac
     data, wTEMP, iC = _f32(data), _f32(wTEMP), _i64(iC)
     n, C = data.shape
     nt0, R = wTEMP.shape
-    if n_sum > 32:
-        raise ValueError(f"prototype_spikes sums over at most 32 nearest channels, got n_sum = {n_sum}")
+    if n_sum > _PS_MAXSUM:
+        raise ValueError(f"prototype_spikes sums over at most {_PS_MAXSUM} nearest channels, got n_sum = {n_sum}")
     if n_sum > iC.shape[1]:
         raise ValueError(f"n_sum = {n_sum} exceeds the {iC.shape[1]} nearest channels of iC")
     err = cp.zeros(n, dtype=cp.float32)
     channel = cp.zeros(n, dtype=cp.int64)
     if n and C:
         filtered = correlate_valid(data, wTEMP)  # [n, C, R]
-        _launch("detect", "prototype_scores", (n,), (128,),
-                (filtered, iC, err, channel, _i32(n), _i32(C), _i32(R), _i32(iC.shape[1]), _i32(n_sum), _i32(nt0)),
-                4 * C * R)
+        table = cp.empty((n_sum * (n_sum + 1) // 2, C), dtype=cp.int32)
+        _launch("detect", "sorted_nearest", _blocks(C, 128), (128,), (iC, table, _i32(C), _i32(iC.shape[1]), _i32(n_sum)))
+        row_bytes = 4 * R * (C + 1)
+        tile = max(1, min(_PS_TILE, _PS_SHARED_BYTES // row_bytes))
+        if tile * row_bytes > _MAX_SHARED_BYTES:
+            raise ValueError(f"prototype_spikes: {C} channels x {R} prototypes exceed the GPU's shared memory")
+        threads = min(512, (C + 31) // 32 * 32)
+        _launch("detect", "prototype_scores", ((n + tile - 1) // tile,), (threads,),
+                (filtered, table, err, channel, _i32(n), _i32(C), _i32(R), _i32(n_sum), _i32(nt0), _i32(tile)),
+                tile * row_bytes)
         del filtered
     t = _peaks(err, threshold, nt0 - 1)
     c, x = channel[t], err[t]
