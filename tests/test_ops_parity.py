@@ -21,6 +21,9 @@ placed at known times, with the W/U/mu shapes of the stages and neighbours/xcorr
   away from the windows of unmatched spikes.
 - accumulate_templates sums in float64 in the same spike order: rtol 1e-6 (the float32 templates W U' that
   it adds may round differently in their last bit); counts are equal. pc_features: VALUE_RTOL.
+- svd_templates (float64, the GPU's Gram matrices over the neighbourhood only and its eigenvectors from
+  cuSOLVER): the first factor of W, mu and the rank-3 templates W U' to 1e-9 (the other factors' signs are
+  arbitrary).
 - neighbor_xcorr: the NumPy twin correlates by float64 FFT, the GPU by a direct float64 sum: atol 1e-5 of
   the largest correlation.
 - row_median is exact (it sorts the same float32 values).
@@ -384,6 +387,42 @@ def test_accumulate_templates(gpu, kind):
     assert_bitwise_equal(got, gpu.accumulate_templates(a(residual), a(st), a(ids), a(y), a(W), a(U), K))
     empty = gpu.accumulate_templates(a(residual), a(st[:0]), a(ids[:0]), a(y[:0]), a(W), a(U), K)
     assert not gpu.to_host(empty[0]).any() and not gpu.to_host(empty[1]).any()
+    selected = np.random.default_rng(1).random(len(st)) < 0.6
+    expected = cpu.accumulate_templates(residual, st, ids, y, W, U, K, selected)
+    dwu, counts = (gpu.to_host(g) for g in gpu.accumulate_templates(a(residual), a(st), a(ids), a(y), a(W), a(U), K,
+                                                                     a(selected)))
+    np.testing.assert_array_equal(counts, np.bincount(ids[selected], minlength=K))
+    assert_values_close(dwu, expected[0], f"accumulate_templates {kind}, selected spikes", rtol=1e-6)
+    none = gpu.accumulate_templates(a(residual), a(st), a(ids), a(y), a(W), a(U), K, a(np.zeros(len(st), bool)))
+    assert not gpu.to_host(none[0]).any() and not gpu.to_host(none[1]).any()
+
+
+@pytest.mark.parametrize("kind", ["random", "templates"])
+def test_svd_templates(gpu, kind):
+    rng = np.random.default_rng(12)
+    n_chan, K = 64, 150
+    W, U, mu, iC, iW = synthetic_templates(n_chan, K, rng)
+    if kind == "random":
+        dwu = rng.normal(size=(K, NT0, n_chan))
+    else:  # running averages: the templates (shifted by up to 3 samples) plus some noise
+        dwu = tm.dense_templates(W.astype(np.float64), U.astype(np.float64), mu.astype(np.float64))
+        dwu = np.stack([np.roll(d, s, axis=0) for d, s in zip(dwu, rng.integers(-3, 4, K))])
+        dwu += 0.05 * rng.normal(size=dwu.shape)
+    iW = tm.peak_channels(dwu, NT0MIN) if kind == "templates" else iW
+    Ka, Kb = tm.alignment_kernels(NT0, NT0MIN)
+    W0 = np.zeros((K, NT0, 3))
+    expected = cpu.svd_templates(dwu, W0, iC, iW, Ka, Kb, NT0MIN)
+    a = gpu.asarray
+    got = gpu.svd_templates(a(dwu), a(W0), a(iC), a(iW), a(Ka), a(Kb), NT0MIN)
+    W_got, U_got, mu_got = (gpu.to_host(g) for g in got)
+    assert W_got.shape == (K, NT0, 3) and U_got.shape == (K, n_chan, 3) and mu_got.dtype == np.float64
+    # the first factor's sign is fixed, the others' are not: compare W_0, mu and the rank-3 templates W U'
+    np.testing.assert_allclose(mu_got, expected[2], rtol=1e-9)
+    np.testing.assert_allclose(W_got[:, :, 0], expected[0][:, :, 0], atol=1e-9)
+    np.testing.assert_allclose(tm.dense_templates(W_got, U_got), tm.dense_templates(expected[0], expected[1]),
+                               atol=1e-9)
+    assert not U_got[~tm.neighbourhood_mask(iC, iW, n_chan)].any()
+    assert_bitwise_equal(got, gpu.svd_templates(a(dwu), a(W0), a(iC), a(iW), a(Ka), a(Kb), NT0MIN))
 
 
 @pytest.mark.parametrize("kind", ["random", "pursuit"])

@@ -266,6 +266,6 @@ def read_batch(ctx, data: WhitenedData, k: int) -> np.ndarray:
 
 
 def batch_prefetch(ctx, data: WhitenedData, batches):
-    """Yield (k, int16 batch k with margins) with the next batch read (and staged for the device) in the
-    background."""
-    return prefetch(lambda k: read_batch(ctx, data, k), batches)
+    """Yield (k, int16 batch k with margins on the device, valid until the next batch is asked for) with the next
+    batches read and copied to the device in the background (ops.prefetch_to_device)."""
+    return ctx.ops.prefetch_to_device(lambda k: read_batch(ctx, data, k), batches)

@@ -120,11 +120,16 @@ def template_xcorr(W, U, pairs_a, pairs_b):
 def overlap_neighbors(iC, iW, n_chan: int):
     """[K, M] int64: for each template, the templates whose neighbourhoods overlap its own (itself included),
     padded with K."""
-    xp = array_module(iC)
-    overlap = channel_overlap(iC, iW, n_chan)
+    return neighbors_from_overlap(channel_overlap(iC, iW, n_chan))
+
+
+def neighbors_from_overlap(overlap):
+    """[K, M] int64 from overlap [K, K] bool: row k lists the j with overlap[k, j] in ascending order, padded with
+    K (M the longest row)."""
+    xp = array_module(overlap)
     a, b = xp.nonzero(overlap)
     counts = overlap.sum(axis=1)
-    K = len(iW)
+    K = len(overlap)
     rank = xp.arange(len(a)) - xp.concatenate([xp.zeros(1, dtype=counts.dtype), xp.cumsum(counts)[:-1]])[a]
     neighbors = xp.full((K, int(counts.max()) if K else 0), K, dtype=xp.int64)
     neighbors[a, rank] = b
@@ -141,8 +146,8 @@ def neighbor_xcorr(W, U, neighbors):
 
 
 def similarity(ops, W, U, iC, iW, n_chan: int, n_nearest: int):
-    """getMeWtW (the correlations by ``ops.neighbor_xcorr``): ``simScore`` [K, K] float32 (max over lags of the template correlation; 0 for templates without
-    a common channel) and ``iList`` [K, Nnearest] (the most similar templates of each template, itself first;
+    """getMeWtW (the correlations by ``ops.neighbor_xcorr``): ``simScore`` [K, K] float32 (max over lags of the
+    template correlation; 0 for templates without a common channel) and ``iList`` [K, Nnearest] (the most similar templates of each template, itself first;
     indices wrap when K < Nnearest)."""
     xp = array_module(W)
     K = len(W)

@@ -13,6 +13,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 from .. import templates as tm
+from ..io import prefetch
 
 # scipy.signal is imported where it is used: it takes about half a second to import, and a GPU sort, which imports
 # this module for the split's host path, never calls the two functions that use it.
@@ -38,6 +39,12 @@ def empty_staged(shape, dtype):
 
 def to_host(a):
     return np.asarray(a)
+
+
+def prefetch_to_device(read, items, depth: int = 2):
+    """Yield ``(item, read(item))`` in order, read ahead by a background thread (the host is the device here; the
+    GPU twin copies ahead into device buffers, each valid until the next item is asked for)."""
+    return prefetch(read, items)
 
 
 def synchronize():
@@ -190,6 +197,11 @@ def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spac
     return t[keep], c[keep]
 
 
+def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
+    """mexSVDsmall2.cu: (W, U, mu) of each template from its running average; see templates.svd_templates."""
+    return tm.svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min)
+
+
 def neighbor_xcorr(W, U, neighbors):
     """[K, M, 2*nt0 - 1] float32: the correlation at every lag (templates.template_xcorr, by FFT) of each template
     with each of its neighbours (neighbors [K, M] int64, padded with K; 0 on padding). W: [K, nt0, Nrank], U:
@@ -299,13 +311,16 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     return st[order], ids[order], y[order].astype(np.float32), x[order].astype(np.float32), residual, feats
 
 
-def accumulate_templates(residual, st, ids, y, W, U, n_templates: int):
+def accumulate_templates(residual, st, ids, y, W, U, n_templates: int, selected=None):
     """Per-template sums of the spikes' clean waveforms (average_snips in mexMPnu8.cu).
 
     residual: [n, Nchan] float32; st, ids, y: [n_spikes] window starts, templates, amplitudes; W [K, nt0, Nrank],
-    U [K, Nchan, Nrank]. ``dWU0[k] = sum over spikes of k of residual[st:st+nt0] + y * T_k`` in float64.
+    U [K, Nchan, Nrank]; selected: [n_spikes] bool, the spikes to sum (None: all of them).
+    ``dWU0[k] = sum over spikes of k of residual[st:st+nt0] + y * T_k`` in float64.
     Returns (dWU0 [K, nt0, Nchan] float64, counts [K] int64).
     """
+    if selected is not None:
+        st, ids, y = st[selected], ids[selected], y[selected]
     K, nt0, _ = W.shape
     dwu = np.zeros((n_templates, nt0, residual.shape[1]), dtype=np.float64)
     counts = np.bincount(ids, minlength=n_templates).astype(np.int64)

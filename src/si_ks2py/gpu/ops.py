@@ -1,7 +1,8 @@
 """CuPy ops (same names, signatures and outputs as the NumPy twins in si_ks2py.cpu.ops).
 
-Kernels live in the .cu files of this package (preprocess.cu, detect.cu, pursuit.cu, split.cu) and are compiled once per
-process with cupy.RawModule (CuPy also caches the binaries on disk). Matrix products go through cuBLAS (``@``).
+Kernels live in the .cu files of this package (preprocess.cu, detect.cu, pursuit.cu, templates.cu, split.cu) and
+are compiled once per process with cupy.RawModule (CuPy also caches the binaries on disk). Matrix products go
+through cuBLAS (``@``).
 
 Memory depends on the batch size n, the channel count C and the template count K only: the largest buffers are
 the projections B [n, K] float32 of match_pursuit, its dense templates [K, nt0, C] float32, correlate_valid's
@@ -11,7 +12,9 @@ _PROJECTION_CHUNK_BYTES). Every op is deterministic: no float atomics, sums in a
 
 from __future__ import annotations
 
+import collections
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import cupy as cp
@@ -98,6 +101,39 @@ def to_host(a):
     out = cupyx.empty_pinned(a.shape, a.dtype)
     a.get(out=out)
     return out
+
+
+def prefetch_to_device(read, items, depth: int = 2):
+    """Yield ``(item, read(item) on the device)`` in order. A background thread reads up to ``depth`` items ahead
+    and copies each (a host array, page-locked for speed) into one of depth + 1 device buffers on a stream of its
+    own, so that the copies overlap the caller's kernels. A yielded array is valid until the next one is asked
+    for: a buffer is refilled only after the work that the caller had queued when it asked for the next item."""
+    items = list(items)
+    caller = cp.cuda.get_current_stream()
+    copies = cp.cuda.Stream(non_blocking=True)
+    buffers = [None] * (depth + 1)
+
+    def upload(index, caller_done):
+        host = read(items[index])
+        slot = index % len(buffers)
+        with copies:
+            if caller_done is not None:
+                copies.wait_event(caller_done)
+            if buffers[slot] is None or buffers[slot].shape != host.shape or buffers[slot].dtype != host.dtype:
+                buffers[slot] = cp.empty(host.shape, host.dtype)
+            buffers[slot].set(host, stream=copies)
+        copies.synchronize()  # the host buffer may be reused once its copy is done
+        return buffers[slot]
+
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = collections.deque(pool.submit(upload, i, None) for i in range(min(depth, len(items))))
+            for index, item in enumerate(items):
+                yield item, pending.popleft().result()
+                if index + depth < len(items):  # its buffer last held item index - 1, which the caller is done with
+                    pending.append(pool.submit(upload, index + depth, caller.record()))
+    finally:
+        caller.synchronize()  # the buffers go back to the memory pool: nothing queued may still read them
 
 
 def synchronize():
@@ -216,8 +252,9 @@ def correlate_valid(x, filters):
     if out.size == 0:
         return out
     shared = 4 * (nt0 * F + (_CV_TT + nt0 - 1) * 32)
-    _launch("detect", "correlate_valid4" if F <= 4 else "correlate_valid8", ((n + _CV_TT - 1) // _CV_TT, (C + 31) // 32),
-            (32, 8), (x, filters, out, _i32(n), _i32(C), _i32(nt0), _i32(F)), shared)
+    kernel = "correlate_valid4" if F <= 4 else "correlate_valid8"  # filters per pass
+    _launch("detect", kernel, ((n + _CV_TT - 1) // _CV_TT, (C + 31) // 32), (32, 8),
+            (x, filters, out, _i32(n), _i32(C), _i32(nt0), _i32(F)), shared)
     return out
 
 
@@ -270,7 +307,8 @@ def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spac
     if n and C:
         filtered = correlate_valid(data, wTEMP)  # [n, C, R]
         table = cp.empty((n_sum * (n_sum + 1) // 2, C), dtype=cp.int32)
-        _launch("detect", "sorted_nearest", _blocks(C, 128), (128,), (iC, table, _i32(C), _i32(iC.shape[1]), _i32(n_sum)))
+        _launch("detect", "sorted_nearest", _blocks(C, 128), (128,),
+                (iC, table, _i32(C), _i32(iC.shape[1]), _i32(n_sum)))
         row_bytes = 4 * R * (C + 1)
         tile = max(1, min(_PS_TILE, _PS_SHARED_BYTES // row_bytes))
         if tile * row_bytes > _MAX_SHARED_BYTES:
@@ -320,6 +358,35 @@ def _template_projections(data, W, U):
                 (spatial, Wt, B, _i32(n), _i32(K), _i32(a), _i32(b - a), _i32(nt0), _i32(R), _i32(tile)), shared)
         del spatial
     return B
+
+
+_ALIGN_MAX_T, _ALIGN_MAX_R, _ALIGN_MAX_NUP = 128, 8, 32  # ALIGN_MAX_* in templates.cu
+
+
+def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
+    """See si_ks2py.templates.svd_templates (here the neighbourhood Gram matrices and everything after the batched
+    eigendecomposition are one kernel each: a handful of launches instead of about fifty array operations)."""
+    dWU = cp.ascontiguousarray(dWU, dtype=cp.float64)
+    K, nt0, C = dWU.shape
+    R = W_prev.shape[2]
+    nup = Ka.shape[0]
+    if K == 0:
+        return cp.zeros((0, nt0, R)), cp.zeros((0, C, R)), cp.zeros(0)
+    if nt0 > _ALIGN_MAX_T or R > _ALIGN_MAX_R or nup > _ALIGN_MAX_NUP:
+        raise ValueError(f"svd_templates takes nt0 <= {_ALIGN_MAX_T}, rank <= {_ALIGN_MAX_R} and <= {_ALIGN_MAX_NUP} "
+                         f"sub-sample shifts, got {nt0}, {R} and {nup}")
+    iC, iW = _i64(iC), _i64(iW)
+    n_near = iC.shape[1]
+    gram = cp.empty((K, nt0, nt0), dtype=cp.float64)
+    _launch("templates", "neighbourhood_gram", (K,), (256,), (dWU, iC, iW, gram, _i32(nt0), _i32(C), _i32(n_near)),
+            8 * nt0 * n_near)
+    vectors = cp.ascontiguousarray(cp.linalg.eigh(gram)[1])  # [K, nt0, nt0], eigenvectors as columns
+    W, U, mu = cp.empty((K, nt0, R)), cp.empty((K, C, R)), cp.empty(K)
+    _launch("templates", "align_templates", (K,), (128,),
+            (vectors, dWU, iC, iW, cp.ascontiguousarray(Ka, dtype=cp.float64),
+             cp.ascontiguousarray(Kb, dtype=cp.float64), W, U, mu, _i32(nt0), _i32(C), _i32(n_near), _i32(R),
+             _i32(nup), _i32(nt0min)))
+    return W, U, mu
 
 
 _XC_THREADS, _XC_MAX_RANK = 128, 8  # XC_THREADS, XC_MAX_RANK in pursuit.cu
@@ -400,10 +467,13 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     return st[order], ids[order], y[order], x[order], residual, feats
 
 
-def accumulate_templates(residual, st, ids, y, W, U, n_templates: int):
+def accumulate_templates(residual, st, ids, y, W, U, n_templates: int, selected=None):
     """See si_ks2py.cpu.ops.accumulate_templates: each template's spikes summed in (template, time) order, in
-    float64, one thread per output element (no atomics)."""
+    float64, one thread per output element (no atomics). Unselected spikes are sorted past the last template
+    (no wait for their count)."""
     residual, st, ids, y, W, U = _f32(residual), _i64(st), _i64(ids), _f32(y), _f32(W), _f32(U)
+    if selected is not None:
+        ids = cp.where(cp.asarray(selected, dtype=bool), ids, n_templates)
     n, C = residual.shape
     K, nt0, R = W.shape
     dwu = cp.zeros((n_templates, nt0, C), dtype=cp.float64)

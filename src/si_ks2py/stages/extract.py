@@ -68,8 +68,10 @@ def run(ctx):
                 state = {"W": W_mid, "U": U_mid, "mu": mu_mid, "dWU": dWU_mid, "nsp": xp.zeros(len(mu_mid))}
                 for k, raw in batch_prefetch(ctx, data, sweep):
                     batch = noise_units(ctx, raw)
-                    st, ids, y, x, residual, feat, W32, U32 = match_and_update(
+                    st, ids, y, x, residual, feat, W32, U32, owned = match_and_update(
                         ops, batch, state, fixed, p, int(k), p.Th[-1], pm, feature_templates)
+                    mine = xp.flatnonzero(owned)  # indices: one count, not one per array
+                    st, ids, y, x, feat = st[mine], ids[mine], y[mine], x[mine], feat[mine]
                     pcs = ops.pc_features(residual, st, ids, y, W32, U32, template_channels, wPCA)
                     time = p.t_start + stride * int(k) - margin + st + p.nt0min
                     # two transfers per batch: the spike table (float64, exact for the times) and the features

@@ -103,31 +103,40 @@ def template_update(dWU, nsp, dWU0, nsp0, pm: float, p1: float):
 def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, pm: float, features=None):
     """One batch of matching pursuit with the current templates and the running-average update of ``state``.
 
-    state: dict with W, U, mu, dWU, nsp (device arrays, float64); fixed: iC, iW, Ka, Kb (and the neighbour
-    structure when extracting). Returns the pursuit's outputs restricted to the batch's own spikes.
+    state: dict with W, U, mu, dWU, nsp (device arrays, float64); fixed: iC, iW, Ka, Kb and the templates'
+    neighbours. Returns the pursuit's outputs over the batch read with its margins (st, ids, y, x, residual,
+    features), the float32 templates W, U it used and ``owned`` [n_spikes] bool, the batch's own spikes.
     """
     xp = ops.xp
     if len(state["dWU"]) == 0:  # nothing learnt yet (e.g. a silent first batch): the residual is the data
         empty = xp.zeros(0, dtype=xp.int64)
-        return empty, empty, xp.zeros(0, xp.float32), xp.zeros(0, xp.float32), data, None, None, None
-    W, U, mu = tm.svd_templates(state["dWU"], state["W"], fixed["iC"], fixed["iW"], fixed["Ka"], fixed["Kb"],
-                                params.nt0min)
+        return empty, empty, xp.zeros(0, xp.float32), xp.zeros(0, xp.float32), data, None, None, None, empty > 0
+    W, U, mu = ops.svd_templates(state["dWU"], state["W"], fixed["iC"], fixed["iW"], fixed["Ka"], fixed["Kb"],
+                                 params.nt0min)
     state.update(W=W, U=U, mu=mu)
     W32, U32, mu32 = (a.astype(xp.float32) for a in (W, U, mu))
-    neighbors = fixed.get("neighbors")
-    if neighbors is None:  # learning: templates and their channels change from batch to batch
-        neighbors = tm.overlap_neighbors(fixed["iC"], fixed["iW"], U.shape[1])
-    xcorr = ops.neighbor_xcorr(W32, U32, neighbors)
-    st, ids, y, x, residual, feat = ops.match_pursuit(data, W32, U32, mu32, neighbors, xcorr, threshold,
+    xcorr = ops.neighbor_xcorr(W32, U32, fixed["neighbors"])
+    st, ids, y, x, residual, feat = ops.match_pursuit(data, W32, U32, mu32, fixed["neighbors"], xcorr, threshold,
                                                       params.lam, params.nInnerIter, features)
-    mine = xp.flatnonzero(owned_spikes(st + params.nt0min, params, k))  # indices: one count, not one per array
-    st, ids, y, x = st[mine], ids[mine], y[mine], x[mine]
-    feat = None if feat is None else feat[mine]
-    good = xp.flatnonzero(x > params.Th[0])  # only confident spikes update the templates, in every phase
-    dWU0, nsp0 = ops.accumulate_templates(residual, st[good], ids[good], y[good], W32, U32, len(W))
+    owned = owned_spikes(st + params.nt0min, params, k)
+    # only the batch's confident spikes update the templates, in every phase
+    dWU0, nsp0 = ops.accumulate_templates(residual, st, ids, y, W32, U32, len(W), owned & (x > params.Th[0]))
     state["dWU"], state["nsp"] = template_update(state["dWU"], state["nsp"], dWU0, nsp0.astype(xp.float64), pm,
                                                  params.p1)
-    return st, ids, y, x, residual, feat, W32, U32
+    return st, ids, y, x, residual, feat, W32, U32, owned
+
+
+def sort_by_channel(ops, state, fixed, channel_overlap, n_chan: int, nt0min: int):
+    """Templates sorted by peak channel (coherent memory access, as in Kilosort), with their peak channels iW
+    and neighbours (templates whose neighbourhoods overlap, from channel_overlap [Nchan, Nchan] bool) in
+    ``fixed``; the small bookkeeping is done on the host, after one wait for the peak channels."""
+    iW = ops.to_host(tm.peak_channels(state["dWU"], nt0min))
+    by_channel = np.argsort(iW, kind="stable")
+    iW = iW[by_channel]
+    for name in ("W", "U", "mu", "nsp", "dWU"):
+        state[name] = state[name][ops.asarray(by_channel)]
+    fixed["iW"] = ops.asarray(iW)
+    fixed["neighbors"] = ops.asarray(tm.neighbors_from_overlap(channel_overlap[iW[:, None], iW[None, :]]))
 
 
 def run(ctx):
@@ -162,17 +171,14 @@ def run(ctx):
         for name in ("W", "U", "mu", "nsp", "dWU"):
             state[name] = state[name][keep]
 
+    channel_overlap = tm.channel_overlap(iC, np.arange(n_chan), n_chan)  # [Nchan, Nchan]: neighbourhoods overlap
     bar = progress_bar(total=len(order), desc="learn", enabled=ctx.show_progress)
     for ib, (k, raw) in enumerate(batch_prefetch(ctx, data, order)):
         batch = noise_units(ctx, raw)
         if ib == 0:
             add_templates(seed_templates(ops, batch, wTEMP_d, wPCA_d, fixed["iC"], p))
-        # sort templates by peak channel (coherent memory access, as in Kilosort)
-        fixed["iW"] = tm.peak_channels(state["dWU"], p.nt0min)
-        by_channel = xp.argsort(fixed["iW"], kind="stable")
-        keep_templates(by_channel)
-        fixed["iW"] = fixed["iW"][by_channel]
-        *_, residual, _, _, _ = match_and_update(ops, batch, state, fixed, p, int(k), p.Th[0], momentum[ib])
+        sort_by_channel(ops, state, fixed, channel_overlap, n_chan, p.nt0min)
+        residual = match_and_update(ops, batch, state, fixed, p, int(k), p.Th[0], momentum[ib])[4]
         if ib < len(order) - 1:
             if ib % 5 == 0:
                 keep_templates(tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0))
