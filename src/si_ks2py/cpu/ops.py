@@ -13,7 +13,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 from .. import templates as tm
-from ..io import prefetch
+from .. import io as batch_io
 
 # scipy.signal is imported where it is used: it takes about half a second to import, and a GPU sort, which imports
 # this module for the split's host path, never calls the two functions that use it.
@@ -44,7 +44,7 @@ def to_host(a):
 def prefetch_to_device(read, items, depth: int = 2):
     """Yield ``(item, read(item))`` in order, read ahead by a background thread (the host is the device here; the
     GPU twin copies ahead into device buffers, each valid until the next item is asked for)."""
-    return prefetch(read, items)
+    return batch_io.prefetch(read, items)
 
 
 def synchronize():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def save_rows(path, source, rows: np.ndarray, chunk: int = 2 ** 16):
 def write_phy(ctx):
     """Write the Phy folder into ctx.output_folder (replacing the files of an earlier export)."""
     folder = Path(ctx.output_folder)
-    ir, p, probe = ctx.intermediate, ctx.params, ctx.probe
+    ir, p = ctx.intermediate, ctx.params
     for name in PHY_FILES:  # an earlier export's files (never the user's recording: those names are ours)
         (folder / name).unlink(missing_ok=True)
     st3 = np.asarray(ir.st3_c)
@@ -68,7 +69,6 @@ def write_phy(ctx):
     clusters = st3[:, 1].astype(np.int64)
     W, U = np.asarray(ir.W_s), np.asarray(ir.U_s)
     n_templates, nt0, n_rank = W.shape
-    n_chan = U.shape[1]
     Wphy = np.concatenate([np.zeros((n_templates, p.nt0min + 1, n_rank)), W], axis=1)  # centre at nt0min
     templates = dense_templates(Wphy, U).astype(np.float32)
     whitening = np.asarray(ir.Wrot, dtype=np.float64) / p.scaleproc
@@ -79,6 +79,20 @@ def write_phy(ctx):
     template_feature_ind = np.asarray(ir.iNeigh)[np.where(np.arange(n_templates) < n_learnt,
                                                           np.arange(n_templates), parent)]
 
+    # the two feature files (most of the folder's bytes) are gathered and written by threads meanwhile
+    with ThreadPoolExecutor(max_workers=2) as writers:
+        features = [writers.submit(save_rows, folder / name, source, rows)
+                    for name, source in (("pc_features.npy", ir.cProjPC), ("template_features.npy", ir.cProj))]
+        write_small_files(ctx, folder, st3, clusters, templates, whitening, whitening_inv, template_feature_ind)
+        for written in features:
+            written.result()
+
+
+def write_small_files(ctx, folder: Path, st3, clusters, templates, whitening, whitening_inv, template_feature_ind):
+    """Every file of the Phy folder but the features: spikes [n] (st3 [n, 5] by time, clusters [n]), templates
+    [K, nt, Nchan] float32, whitening matrices [Nchan, Nchan], params.py and the cluster tables."""
+    ir, p, probe = ctx.intermediate, ctx.params, ctx.probe
+    n_templates, _, n_chan = templates.shape
     np.save(folder / "spike_times.npy", st3[:, 0].astype(np.uint64))
     np.save(folder / "spike_templates.npy", clusters.astype(np.uint32))
     np.save(folder / "spike_clusters.npy", clusters.astype(np.uint32))
@@ -88,9 +102,7 @@ def write_phy(ctx):
     np.save(folder / "channel_positions.npy", np.column_stack([ir.xc, ir.yc]).astype(np.float64))
     np.save(folder / "channel_shanks.npy", np.asarray(ir.kcoords, dtype=np.int32))
     np.save(folder / "similar_templates.npy", np.asarray(ir.simScore_s, dtype=np.float32))
-    save_rows(folder / "template_features.npy", ir.cProj, rows)
     np.save(folder / "template_feature_ind.npy", template_feature_ind.astype(np.uint32))
-    save_rows(folder / "pc_features.npy", ir.cProjPC, rows)
     np.save(folder / "pc_feature_ind.npy", np.asarray(ir.iNeighPC_s, dtype=np.uint32))
     np.save(folder / "whitening_mat.npy", whitening)
     np.save(folder / "whitening_mat_inv.npy", whitening_inv)
