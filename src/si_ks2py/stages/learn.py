@@ -126,15 +126,15 @@ def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, 
     return st, ids, y, x, residual, feat, W32, U32, owned
 
 
-def sort_by_channel(ops, state, fixed, channel_overlap, n_chan: int, nt0min: int):
+def sort_by_channel(ops, state, fixed, channel_overlap, nt0min: int):
     """Templates sorted by peak channel (coherent memory access, as in Kilosort), with their peak channels iW
     and neighbours (templates whose neighbourhoods overlap, from channel_overlap [Nchan, Nchan] bool) in
     ``fixed``; the small bookkeeping is done on the host, after one wait for the peak channels."""
     iW = ops.to_host(tm.peak_channels(state["dWU"], nt0min))
     by_channel = np.argsort(iW, kind="stable")
-    iW = iW[by_channel]
+    iW, by_channel_d = iW[by_channel], ops.asarray(by_channel)
     for name in ("W", "U", "mu", "nsp", "dWU"):
-        state[name] = state[name][ops.asarray(by_channel)]
+        state[name] = state[name][by_channel_d]
     fixed["iW"] = ops.asarray(iW)
     fixed["neighbors"] = ops.asarray(tm.neighbors_from_overlap(channel_overlap[iW[:, None], iW[None, :]]))
 
@@ -177,7 +177,7 @@ def run(ctx):
         batch = noise_units(ctx, raw)
         if ib == 0:
             add_templates(seed_templates(ops, batch, wTEMP_d, wPCA_d, fixed["iC"], p))
-        sort_by_channel(ops, state, fixed, channel_overlap, n_chan, p.nt0min)
+        sort_by_channel(ops, state, fixed, channel_overlap, p.nt0min)
         residual = match_and_update(ops, batch, state, fixed, p, int(k), p.Th[0], momentum[ib])[4]
         if ib < len(order) - 1:
             if ib % 5 == 0:
