@@ -1,4 +1,5 @@
-"""The wheel carries the CUDA sources (the PyPI wheel of an earlier port lacked them)."""
+"""The wheel carries the CUDA sources (the PyPI wheel of an earlier port lacked them); the GPU op table defines
+every op of the CPU one."""
 
 import subprocess
 import sys
@@ -20,3 +21,16 @@ def test_wheel_contains_every_cuda_source(tmp_path):
     assert sources, "no .cu sources found"
     assert {f"si_ks2py/gpu/{name}" for name in sources} <= names
     assert "si_ks2py/gpu/ops.py" in names and "si_ks2py/cpu/ops.py" in names
+
+
+def test_every_cpu_op_is_defined_by_the_gpu_op_table():
+    """Read from gpu/ops.py's source, so that a machine without CuPy catches an op the GPU table lost (the GPU
+    parity tests check the same on a GPU)."""
+    import ast
+
+    from si_ks2py.cpu import ops as cpu
+
+    tree = ast.parse((ROOT / "src" / "si_ks2py" / "gpu" / "ops.py").read_text())
+    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    ops = {name for name in dir(cpu) if not name.startswith("_") and callable(getattr(cpu, name))}
+    assert ops - defined == set()

@@ -362,6 +362,35 @@ def _template_projections(data, W, U):
     return B
 
 
+_ALIGN_MAX_T, _ALIGN_MAX_R, _ALIGN_MAX_NUP = 128, 8, 32  # ALIGN_MAX_* in templates.cu
+
+
+def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
+    """See si_ks2py.templates.svd_templates (here the neighbourhood Gram matrices and everything after the batched
+    eigendecomposition are one kernel each: a handful of launches instead of about fifty array operations)."""
+    dWU = cp.ascontiguousarray(dWU, dtype=cp.float64)
+    K, nt0, C = dWU.shape
+    R = W_prev.shape[2]
+    nup = Ka.shape[0]
+    if K == 0:
+        return cp.zeros((0, nt0, R)), cp.zeros((0, C, R)), cp.zeros(0)
+    if nt0 > _ALIGN_MAX_T or R > _ALIGN_MAX_R or nup > _ALIGN_MAX_NUP:
+        raise ValueError(f"svd_templates takes nt0 <= {_ALIGN_MAX_T}, rank <= {_ALIGN_MAX_R} and <= {_ALIGN_MAX_NUP} "
+                         f"sub-sample shifts, got {nt0}, {R} and {nup}")
+    iC, iW = _i64(iC), _i64(iW)
+    n_near = iC.shape[1]
+    gram = cp.empty((K, nt0, nt0), dtype=cp.float64)
+    _launch("templates", "neighbourhood_gram", (K,), (256,), (dWU, iC, iW, gram, _i32(nt0), _i32(C), _i32(n_near)),
+            8 * nt0 * n_near)
+    vectors = cp.ascontiguousarray(cp.linalg.eigh(gram)[1])  # [K, nt0, nt0], eigenvectors as columns
+    W, U, mu = cp.empty((K, nt0, R)), cp.empty((K, C, R)), cp.empty(K)
+    _launch("templates", "align_templates", (K,), (128,),
+            (vectors, dWU, iC, iW, cp.ascontiguousarray(Ka, dtype=cp.float64),
+             cp.ascontiguousarray(Kb, dtype=cp.float64), W, U, mu, _i32(nt0), _i32(C), _i32(n_near), _i32(R),
+             _i32(nup), _i32(nt0min)))
+    return W, U, mu
+
+
 _XC_THREADS, _XC_MAX_RANK = 128, 8  # XC_THREADS, XC_MAX_RANK in pursuit.cu
 
 
