@@ -339,25 +339,23 @@ def _dense_templates(W, U):
     return T
 
 
-_TP_TILE, _TP_MAX_RANK = 64, 4  # TP_TILE, TP_MAX_RANK in pursuit.cu
-
-
 def _template_projections(data, W, U):
     """B [n, K] float32: <T_k, data[t:t+nt0]> for t <= n - nt0, 0 beyond. Spatial projections by cuBLAS, one chunk
     of templates at a time (at most _PROJECTION_CHUNK_BYTES), then the temporal sum by template_projections."""
     n, C = data.shape
     K, nt0, R = W.shape
-    if R > _TP_MAX_RANK:
-        raise ValueError(f"match_pursuit takes templates of rank <= {_TP_MAX_RANK}, got {R}")
     B = cp.empty((n, K), dtype=cp.float32)
     Wt = cp.ascontiguousarray(W.transpose(1, 2, 0))  # [nt0, R, K]
     chunk = max(32, _PROJECTION_CHUNK_BYTES // (4 * R * max(n, 1)) // 32 * 32)
-    shared = 4 * (_TP_TILE + nt0 - 1) * 32 * R
+    tile = 32
+    while tile > 8 and 4 * (tile + nt0 - 1) * 32 * R > _DEFAULT_SHARED_BYTES:
+        tile -= 8
+    shared = 4 * (tile + nt0 - 1) * 32 * R
     for a in range(0, K, chunk):  # chunks of templates, not a loop per template
         b = min(K, a + chunk)
         spatial = cp.ascontiguousarray(data @ U[a:b].transpose(1, 0, 2).reshape(C, (b - a) * R))  # [n, Kc * R]
-        _launch("pursuit", "template_projections", ((n + _TP_TILE - 1) // _TP_TILE, (b - a + 31) // 32), (32, 8),
-                (spatial, Wt, B, _i32(n), _i32(K), _i32(a), _i32(b - a), _i32(nt0), _i32(R)), shared)
+        _launch("pursuit", "template_projections", ((n + tile - 1) // tile, (b - a + 31) // 32), (32, 8),
+                (spatial, Wt, B, _i32(n), _i32(K), _i32(a), _i32(b - a), _i32(nt0), _i32(R), _i32(tile)), shared)
         del spatial
     return B
 

@@ -24,29 +24,22 @@ extern "C" __global__ void dense_templates(const float* __restrict__ W, const fl
     T[e] = template_value(W, U, k, i, c, nt0, C, R);
 }
 
-#define TP_P 8         // consecutive window starts per thread of template_projections
-#define TP_TILE 64     // window starts per block (8 row lanes x TP_P)
-#define TP_MAX_RANK 4  // rank, at most
-
-// B[t, k0 + k] = sum_i sum_r Wt[i, r, k0 + k] * spatial[t + i, k * R + r] (i, then r ascending) for t <= n - nt0,
-// 0 beyond, where spatial [n, Kc * R] holds the batch projected on the spatial factors of templates
-// k0 .. k0 + Kc - 1 and Wt [nt0, R, K] the temporal factors. Grid (ceil(n / TP_TILE), ceil(Kc / 32)), block
-// (32, 8): 32 templates x 8 row lanes, each lane TP_P consecutive window starts. A lane keeps the TP_P spatial rows
-// its sums need at step i in registers, slot j % TP_P holding row j (the step loop is unrolled by TP_P, so slots
-// are compile-time registers), and reads one new row per step: a value read from shared memory serves TP_P sums,
-// a temporal factor read from global memory as many. The tile's spatial rows are staged in dynamic shared memory:
-// (TP_TILE + nt0 - 1) * 32 * R floats.
+// B[t, k0 + k] = sum_i sum_r Wt[i, r, k0 + k] * spatial[t + i, k * R + r] for t <= n - nt0, 0 beyond, where
+// spatial [n, Kc * R] holds the batch projected on the spatial factors of templates k0 .. k0 + Kc - 1 and
+// Wt [nt0, R, K] the temporal factors. Grid (ceil(n / tile), ceil(Kc / 32)), block (32, 8): 32 templates x 8 row
+// lanes; each thread sums tile / 8 (<= 4) window starts. The tile's spatial rows are staged in dynamic shared
+// memory: (tile + nt0 - 1) * 32 * R floats.
 extern "C" __global__ void template_projections(const float* __restrict__ spatial, const float* __restrict__ Wt,
                                                 float* __restrict__ B, const int n, const int K, const int k0,
-                                                const int Kc, const int nt0, const int R)
+                                                const int Kc, const int nt0, const int R, const int tile)
 {
     extern __shared__ float sp[];
     const int lane = threadIdx.x, row = threadIdx.y;
     const int width = 32 * R;
-    const int t0 = blockIdx.x * TP_TILE;
+    const int t0 = blockIdx.x * tile;
     const int col0 = blockIdx.y * width;
     const int cols = Kc * R;
-    for (int r = row; r < TP_TILE + nt0 - 1; r += 8) {
+    for (int r = row; r < tile + nt0 - 1; r += 8) {
         const int t = t0 + r;
         for (int q = lane; q < width; q += 32)
             sp[r * width + q] = (t < n && col0 + q < cols) ? spatial[(size_t)t * cols + col0 + q] : 0.0f;
@@ -55,40 +48,21 @@ extern "C" __global__ void template_projections(const float* __restrict__ spatia
     const int kl = blockIdx.y * 32 + lane;
     if (kl >= Kc) return;
     const int k = k0 + kl;
-    const float* s = sp + row * TP_P * width + lane * R;  // s[j * width + r]: row t0 + row * TP_P + j, rank r
-    float window[TP_MAX_RANK][TP_P];
-    float acc[TP_P];
+    const int per = tile / 8;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < nt0; i++) {
+        for (int r = 0; r < R; r++) {
+            const float w = Wt[((size_t)i * R + r) * K + k];
+            const float* s = sp + (row + i) * width + lane * R + r;
 #pragma unroll
-    for (int p = 0; p < TP_P; p++) {
-        acc[p] = 0.0f;
-#pragma unroll
-        for (int r = 0; r < TP_MAX_RANK; r++) window[r][p] = r < R ? s[p * width + r] : 0.0f;
-    }
-    for (int i0 = 0; i0 < nt0; i0 += TP_P) {
-#pragma unroll
-        for (int u = 0; u < TP_P; u++) {
-            const int i = i0 + u;  // window holds rows i .. i + TP_P - 1, row j in slot j % TP_P
-            if (i < nt0) {
-#pragma unroll
-                for (int r = 0; r < TP_MAX_RANK; r++) {
-                    if (r < R) {
-                        const float w = Wt[((size_t)i * R + r) * K + k];
-#pragma unroll
-                        for (int p = 0; p < TP_P; p++) acc[p] = fmaf(w, window[r][(u + p) % TP_P], acc[p]);
-                    }
-                }
-                if (i + 1 < nt0) {  // row i is done with: its slot takes row i + TP_P
-#pragma unroll
-                    for (int r = 0; r < TP_MAX_RANK; r++)
-                        if (r < R) window[r][u] = s[(i + TP_P) * width + r];
-                }
-            }
+            for (int q = 0; q < 4; q++)
+                if (q < per) acc[q] = fmaf(w, s[q * 8 * width], acc[q]);
         }
     }
 #pragma unroll
-    for (int p = 0; p < TP_P; p++) {
-        const int t = t0 + row * TP_P + p;
-        if (t < n) B[(size_t)t * K + k] = t <= n - nt0 ? acc[p] : 0.0f;
+    for (int q = 0; q < 4; q++) {
+        const int t = t0 + row + 8 * q;
+        if (q < per && t < n) B[(size_t)t * K + k] = t <= n - nt0 ? acc[q] : 0.0f;
     }
 }
 
