@@ -9,16 +9,14 @@ feat_all, counts, residual and sync. It runs in a process of its own: forking a 
 """
 
 import ctypes
-import mmap
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).parent
-KERNEL = HERE.parent.parent / "src" / "si_ks2py" / "gpu" / "pursuit.cu"
+from emulation import GPU_SOURCES, build, shared
+
 # the part of pursuit.cu that pursuit_loop needs: from cost_row to the end of pursuit_loop
 SECTION = ("// Cost of row t, computed by one warp", "// dwu[k, i, c] = sum over the spikes")
 GIVEN = ("B", "err", "ftype", "residual", "T", "lam_mu", "lmm", "mu", "neighbors", "xcorr", "ftemp")
@@ -32,27 +30,13 @@ class LoopArgs(ctypes.Structure):
                 + [(name, ctypes.c_float) for name in FLOATS])
 
 
-def build(folder: Path, threads: int) -> ctypes.CDLL:
-    source = KERNEL.read_text()
+def pursuit_loop_source(threads: int) -> str:
+    source = (GPU_SOURCES / "pursuit.cu").read_text()
     start, end = (source.index(marker) for marker in SECTION)
     section = source[start:end]
     if "#define LOOP_THREADS 1024" not in section:
         raise RuntimeError("pursuit.cu no longer defines LOOP_THREADS as this emulation expects")
-    (folder / "kernel.cu").write_text(section.replace("#define LOOP_THREADS 1024", f"#define LOOP_THREADS {threads}"))
-    library = folder / "pursuit_loop.so"
-    subprocess.run(["g++", "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
-                    f"-I{HERE}", f"-I{folder}", str(HERE / "driver.cpp"), "-o", str(library)], check=True)
-    return ctypes.CDLL(str(library))
-
-
-def shared(array: np.ndarray, keep: list) -> np.ndarray:
-    """A copy of array in a shared anonymous mapping (seen by the forked blocks)."""
-    array = np.ascontiguousarray(array)
-    buffer = mmap.mmap(-1, max(array.nbytes, 8))
-    keep.append(buffer)
-    out = np.frombuffer(buffer, dtype=array.dtype, count=array.size).reshape(array.shape)
-    out[...] = array
-    return out
+    return section.replace("#define LOOP_THREADS 1024", f"#define LOOP_THREADS {threads}")
 
 
 def main(inputs: str, outputs: str, grid: int, threads: int):
@@ -75,7 +59,7 @@ def main(inputs: str, outputs: str, grid: int, threads: int):
     args = LoopArgs(**{name: a.ctypes.data for name, a in arrays.items()}, **sizes,
                     **{name: float(given[name]) for name in FLOATS})
     with tempfile.TemporaryDirectory() as folder:
-        library = build(Path(folder), threads)
+        library = build(Path(folder), pursuit_loop_source(threads), "driver.cpp", "pursuit_loop")
         if library.run_pursuit_loop(grid, threads, ctypes.byref(args)):
             raise RuntimeError("a block of the emulated pursuit_loop did not finish")
     np.savez(outputs, **{name: np.array(arrays[name]) for name in

@@ -1,0 +1,35 @@
+// Runs the kernels of detect.cu and templates.cu (included by the build as kernel.cu) on the host, launched as
+// gpu/ops.py launches them (launch.h: one process per block, one thread per CUDA thread).
+#include "launch.h"
+#include "kernel.cu"
+
+extern "C" int run_correlate_valid(const float* x, const float* filters, float* out, int n, int C, int nt0, int F) {
+    const emu_dim grid = {(unsigned)((n + CV_TT - 1) / CV_TT), (unsigned)((C + 31) / 32), 1};
+    return emu_launch(grid, {32, 8, 1}, [=]() {
+        if (F <= 4) correlate_valid4(x, filters, out, n, C, nt0, F);
+        else correlate_valid8(x, filters, out, n, C, nt0, F);
+    });
+}
+
+extern "C" int run_prototype_scores(const float* filtered, const long long* iC, int* table, float* err,
+                                    long long* channel, int n, int C, int R, int n_near, int n_sum, int nt0,
+                                    int tile, int threads) {
+    const int failed = emu_launch({(unsigned)((C + 127) / 128), 1, 1}, {128, 1, 1},
+                                  [=]() { sorted_nearest(iC, table, C, n_near, n_sum); });
+    return failed + emu_launch({(unsigned)((n + tile - 1) / tile), 1, 1}, {(unsigned)threads, 1, 1},
+                               [=]() { prototype_scores(filtered, table, err, channel, n, C, R, n_sum, nt0, tile); });
+}
+
+extern "C" int run_neighbourhood_gram(const double* dWU, const long long* iC, const long long* iW, double* gram,
+                                      int K, int nt0, int C, int n_near) {
+    return emu_launch({(unsigned)K, 1, 1}, {256, 1, 1},
+                      [=]() { neighbourhood_gram(dWU, iC, iW, gram, nt0, C, n_near); });
+}
+
+extern "C" int run_align_templates(const double* vectors, const double* dWU, const long long* iC, const long long* iW,
+                                   const double* Ka, const double* Kb, double* W, double* U, double* mu, int K,
+                                   int nt0, int C, int n_near, int R, int nup, int nt0min) {
+    return emu_launch({(unsigned)K, 1, 1}, {128, 1, 1}, [=]() {
+        align_templates(vectors, dWU, iC, iW, Ka, Kb, W, U, mu, nt0, C, n_near, R, nup, nt0min);
+    });
+}
