@@ -147,8 +147,8 @@ def neighbor_xcorr(W, U, neighbors):
 
 def similarity(ops, W, U, iC, iW, n_chan: int, n_nearest: int):
     """getMeWtW (the correlations by ``ops.neighbor_xcorr``): ``simScore`` [K, K] float32 (max over lags of the
-    template correlation; 0 for templates without a common channel) and ``iList`` [K, Nnearest] (the most similar templates of each template, itself first;
-    indices wrap when K < Nnearest)."""
+    template correlation; 0 for templates without a common channel) and ``iList`` [K, Nnearest] (the most similar
+    templates of each template, itself first; indices wrap when K < Nnearest)."""
     xp = array_module(W)
     K = len(W)
     neighbors = overlap_neighbors(iC, iW, n_chan)

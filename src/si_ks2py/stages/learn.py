@@ -110,7 +110,8 @@ def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, 
     xp = ops.xp
     if len(state["dWU"]) == 0:  # nothing learnt yet (e.g. a silent first batch): the residual is the data
         empty = xp.zeros(0, dtype=xp.int64)
-        return empty, empty, xp.zeros(0, xp.float32), xp.zeros(0, xp.float32), data, None, None, None, empty > 0
+        none_owned = xp.zeros(0, dtype=bool)
+        return empty, empty, xp.zeros(0, xp.float32), xp.zeros(0, xp.float32), data, None, None, None, none_owned
     W, U, mu = ops.svd_templates(state["dWU"], state["W"], fixed["iC"], fixed["iW"], fixed["Ka"], fixed["Kb"],
                                  params.nt0min)
     state.update(W=W, U=U, mu=mu)

@@ -289,7 +289,7 @@ def run(ctx):
     Ka, Kb = tm.alignment_kernels(p.nt0, p.nt0min)
     iC_d, iW_d = ops.asarray(iC), ops.asarray(iW)
     W, U, mu = ops.svd_templates(ops.asarray(dWU), ops.asarray(W), iC_d, iW_d, ops.asarray(Ka), ops.asarray(Kb),
-                                p.nt0min)
+                                 p.nt0min)
     siblings = sim == 1
     sim = ops.to_host(tm.similarity(ops, W.astype(ops.xp.float32), U.astype(ops.xp.float32), iC_d, iW_d, n_chan,
                                     n_near)["simScore"])
