@@ -127,15 +127,20 @@ def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, 
     return st, ids, y, x, residual, feat, W32, U32, owned
 
 
+def select_templates(state, index):
+    """Keep (and order) the templates of ``state`` given by ``index`` (bool mask or indices, device)."""
+    for name in ("W", "U", "mu", "nsp", "dWU"):
+        state[name] = state[name][index]
+
+
 def sort_by_channel(ops, state, fixed, channel_overlap, nt0min: int):
     """Templates sorted by peak channel (coherent memory access, as in Kilosort), with their peak channels iW
     and neighbours (templates whose neighbourhoods overlap, from channel_overlap [Nchan, Nchan] bool) in
     ``fixed``; the small bookkeeping is done on the host, after one wait for the peak channels."""
     iW = ops.to_host(tm.peak_channels(state["dWU"], nt0min))
     by_channel = np.argsort(iW, kind="stable")
-    iW, by_channel_d = iW[by_channel], ops.asarray(by_channel)
-    for name in ("W", "U", "mu", "nsp", "dWU"):
-        state[name] = state[name][by_channel_d]
+    iW = iW[by_channel]
+    select_templates(state, ops.asarray(by_channel))
     fixed["iW"] = ops.asarray(iW)
     fixed["neighbors"] = ops.asarray(tm.neighbors_from_overlap(channel_overlap[iW[:, None], iW[None, :]]))
 
@@ -168,10 +173,6 @@ def run(ctx):
         state["nsp"] = xp.concatenate([state["nsp"], xp.full(n_new, m0)])[:max_templates]
         state["mu"] = xp.concatenate([state["mu"], xp.full(n_new, 10.0)])[:max_templates]
 
-    def keep_templates(keep):
-        for name in ("W", "U", "mu", "nsp", "dWU"):
-            state[name] = state[name][keep]
-
     channel_overlap = tm.channel_overlap(iC, np.arange(n_chan), n_chan)  # [Nchan, Nchan]: neighbourhoods overlap
     bar = progress_bar(total=len(order), desc="learn", enabled=ctx.show_progress)
     for ib, (k, raw) in enumerate(batch_prefetch(ctx, data, order)):
@@ -182,14 +183,14 @@ def run(ctx):
         residual = match_and_update(ops, batch, state, fixed, p, int(k), p.Th[0], momentum[ib])[4]
         if ib < len(order) - 1:
             if ib % 5 == 0:
-                keep_templates(tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0))
+                select_templates(state, tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0))
             add_templates(seed_templates(ops, residual, wTEMP_d, wPCA_d, fixed["iC"], p))
         bar.set_postfix(templates=len(state["dWU"]))
         bar.update()
     bar.close()
 
     keep = tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0)
-    keep_templates(keep)
+    select_templates(state, keep)
     if len(state["W"]) == 0:
         raise ValueError("template learning found no templates: the recording seems to hold no spikes above "
                          f"projection_threshold={p.Th}")
