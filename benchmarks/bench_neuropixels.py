@@ -110,14 +110,50 @@ class GpuMemorySampler:
         return None if self.peak is None else self.peak - self.baseline
 
 
+class PoolPeaks:
+    """Peak bytes held by CuPy's memory pool in each stage of a ks2py sort, as {stage: MiB}: the pool keeps every
+    block it allocated until it is released (after each stage, and between the split's groups), so its size then
+    is the peak (empty without CuPy)."""
+
+    def __enter__(self):
+        self.peaks = {}
+        try:
+            import cupy
+        except ImportError:
+            return self
+        import si_ks2py.gpu.ops as gpu_ops
+        import si_ks2py.pipeline as pipeline
+
+        pool, run_stage, release = cupy.get_default_memory_pool(), pipeline.run_stage, gpu_ops.release_memory
+        stage = []
+
+        def tracked(ctx, name):
+            stage[:] = [name]
+            return run_stage(ctx, name)
+
+        def measured_release():
+            if stage:
+                self.peaks[stage[0]] = max(self.peaks.get(stage[0], 0.0), pool.total_bytes() / 2 ** 20)
+            release()
+
+        pipeline.run_stage, gpu_ops.release_memory = tracked, measured_release
+        self.restore = lambda: (setattr(pipeline, "run_stage", run_stage), setattr(gpu_ops, "release_memory", release))
+        return self
+
+    def __exit__(self, *exc):
+        if hasattr(self, "restore"):
+            self.restore()
+
+
 def sort_ks2py(recording, folder: Path) -> dict:
     from si_ks2py.pipeline import run
 
     t = time.perf_counter()
-    ctx = run(recording, folder, {"device": "auto", "progress": False}, verbose=False)
+    with PoolPeaks() as pool:
+        ctx = run(recording, folder, {"device": "auto", "progress": False}, verbose=False)
     stages = dict(ctx.timings)
     stages["other"] = time.perf_counter() - t - sum(stages.values())  # checks, fingerprint, cache bookkeeping
-    return {"stages_s": stages, "device": ctx.ops.name}
+    return {"stages_s": stages, "device": ctx.ops.name, "pool_peak_mib": pool.peaks}
 
 
 def sort_kilosort4(recording, folder: Path) -> dict:
@@ -200,10 +236,13 @@ def report(name: str, sorter: str, r: dict) -> str:
         return f"{name:<7}{sorter:<10} failed"
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
     gpu = "n/a" if r.get("gpu_peak_mib") is None else f"{r['gpu_peak_mib'] / 1024:.2f} GB"
+    peaks = r.get("pool_peak_mib") or {}
+    pool_peaks = "".join([f"\n{'':17}memory pool at stage end (MiB): "] + [", ".join(
+        f"{k} {v:.0f}" for k, v in peaks.items())] if peaks else [])
     return (f"{name:<7}{sorter:<10} wall {r['wall_s']:7.1f} s = {r['x_realtime']:5.1f}x realtime, GPU peak {gpu}, "
             f"host peak {r['host_peak_mib'] / 1024:.1f} GB; GT >= 0.8: {r['accuracy_0.8']}/{r['gt_units']}, "
             f">= 0.95: {r['accuracy_0.95']}, units {r['sorted_units']}, false positive {r['false_positive']}, "
-            f"redundant {r['redundant']}\n{'':17}stages (s): {stages}")
+            f"redundant {r['redundant']}\n{'':17}stages (s): {stages}" + pool_peaks)
 
 
 def main(argv=None):

@@ -126,7 +126,7 @@ def small_export_context(folder, rng, n_templates=5, n_chan=16, n_batches=9):
     ctx = Bunch(intermediate=ir, params=Bunch(fs=30000.0), output_folder=folder, timings={},
                 user_params={"fig": True, "save_rez_to_mat": False, "delete_tmp_files": ("matlab_files",)})
 
-    def write_phy(_):
+    def write_phy(_, figures):
         n = 3000
         np.save(folder / "spike_times.npy", np.sort(rng.integers(0, 300_000, n)).astype(np.uint64))
         np.save(folder / "spike_templates.npy", rng.integers(0, n_templates, n).astype(np.uint32))
@@ -135,6 +135,8 @@ def small_export_context(folder, rng, n_templates=5, n_chan=16, n_batches=9):
         np.save(folder / "pc_feature_ind.npy", rng.integers(0, n_chan, (n_templates, 8)).astype(np.uint32))
         np.save(folder / "templates.npy", rng.normal(size=(n_templates, 82, n_chan)).astype(np.float32))
         np.save(folder / "whitening_mat_inv.npy", np.eye(n_chan))
+        figures.draw("templates", good=ir.good, xc=xc, yc=yc)  # as write_phy: once the files it reads are there
+        figures.draw("drift_map", yc=yc, fs=30000.0)
 
     return ctx, write_phy
 
@@ -143,12 +145,12 @@ def test_qc_figures_are_drawn_while_the_phy_files_are_written(tmp_path, monkeypa
     ctx, write_small_phy = small_export_context(tmp_path, np.random.default_rng(0))
     batch_figure = tmp_path / "qc" / "batch_similarity.png"
 
-    def write_phy(ctx):
+    def write_phy(ctx, figures):
         deadline = time.monotonic() + 60
-        while not batch_figure.exists():  # drawn by the background thread meanwhile (a sequential export hangs)
+        while not batch_figure.exists():  # drawn by the figure process meanwhile (a sequential export hangs)
             assert time.monotonic() < deadline, "the batch figure was not drawn while the Phy files were written"
             time.sleep(0.01)
-        write_small_phy(ctx)
+        write_small_phy(ctx, figures)
 
     monkeypatch.setattr("si_ks2py.export.phy.write_phy", write_phy)
     run_export(ctx)
@@ -159,15 +161,30 @@ def test_qc_figures_are_drawn_while_the_phy_files_are_written(tmp_path, monkeypa
 
 
 def test_a_qc_figure_error_is_raised_by_the_export(tmp_path, monkeypatch):
-    ctx, write_phy = small_export_context(tmp_path, np.random.default_rng(1))
+    ctx, write_small_phy = small_export_context(tmp_path, np.random.default_rng(1))
+
+    class BrokenTemplates:
+        def draw(self, name, **arrays):
+            if name == "templates":
+                np.save(tmp_path / "templates.npy", np.zeros(3))  # not [K, nt, Nchan]: the figure fails
+            ctx.figures.draw(name, **arrays)
+
+    def write_phy(ctx, figures):
+        ctx.figures = figures
+        write_small_phy(ctx, BrokenTemplates())
+
     monkeypatch.setattr("si_ks2py.export.phy.write_phy", write_phy)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("figure failed")
-
-    monkeypatch.setattr(plots, "largest_templates", broken)
-    with pytest.raises(RuntimeError, match="figure failed"):
+    with pytest.raises(RuntimeError, match="drawing the QC figures failed .*Error"):
         run_export(ctx)
+    assert (tmp_path / "qc" / "figures.log").read_text().count("Traceback") == 1
+
+
+def test_the_figure_process_stops_when_the_sort_fails(tmp_path):
+    with pytest.raises(ValueError, match="a stage failed"):
+        with plots.FigureProcess(tmp_path) as figures:
+            figures.draw("batch_similarity", ccb=np.eye(4), iorig=np.arange(4))
+            raise ValueError("a stage failed")
+    assert figures.process.returncode is not None  # stopped, not left running
 
 
 def test_spike_depths_in_chunks_equal_the_whole_computation(monkeypatch):

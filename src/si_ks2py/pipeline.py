@@ -110,6 +110,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         show_progress=bool(full["progress"]) and verbose,
         timings={},
         whitened=None,
+        figures=None,
     )
 
 
@@ -178,8 +179,10 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
         for stage in stages:
             if stage not in to_run:
                 logger.info("%-10s cached, skipped", stage)
-                continue
-            run_stage(ctx, stage)
+            else:
+                run_stage(ctx, stage)
+            if stage == "reorder" and ctx.get("figures") is not None:  # drawn while the later stages run
+                ctx.figures.draw("batch_similarity", ccb=np.asarray(ir.ccb), iorig=np.asarray(ir.iorig))
     finally:
         ir.wait_for_files()  # e.g. the whitened file, written while the later stages ran
     return ctx
@@ -212,9 +215,14 @@ def run(recording, output_folder, params: dict | None = None, verbose: bool = Tr
         ctx = build_context(recording, output_folder, params, verbose)
         logger.info("ks2py %s: %d channels, %.1f s, device %s", __version__, len(ctx.probe.chanMap),
                     ctx.params.n_samples / ctx.params.fs, ctx.ops.name)
-        run_stages(ctx, stop_after)
-        if stop_after is None:
-            from .export import run_export
+        with contextlib.ExitStack() as stack:
+            if stop_after is None and ctx.user_params["fig"]:  # started now: its imports are done by the export
+                from .plots import FigureProcess
 
-            run_export(ctx)
+                ctx.figures = stack.enter_context(FigureProcess(output_folder))
+            run_stages(ctx, stop_after)
+            if stop_after is None:
+                from .export import run_export
+
+                run_export(ctx)
     return ctx

@@ -1,11 +1,18 @@
 """QC figures saved with the output (PNG): drift map, largest templates, batch similarity and its order.
 
-The figures are drawn with matplotlib's object API (``Figure`` on an Agg canvas, no pyplot): it keeps no global
-state, so the export draws them in a background thread while it writes the Phy files.
+The figures are drawn with matplotlib's object API (``Figure`` on an Agg canvas, no pyplot) by a separate Python
+process (``FigureProcess``, this file run as a script): matplotlib is pure Python, and drawing in a thread of the
+sort would hold the interpreter lock that the sort's own threads need. The process is started with the sort, so
+that its imports are done by the export, and draws each figure as soon as the files it reads are written. This
+module imports only NumPy (and matplotlib in the drawing process), so that the process starts quickly.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -116,26 +123,98 @@ def qc_folder(folder) -> Path:
     return qc
 
 
-def save_batch_figure(folder, ctx):
-    """<folder>/qc/batch_similarity.png, from the cache alone (it can be drawn before the Phy files exist)."""
-    ir = ctx.intermediate
-    batch_similarity(qc_folder(folder) / "batch_similarity.png", np.asarray(ir.ccb, dtype=float), np.asarray(ir.iorig))
+def draw_batch_figure(qc: Path, ccb, iorig):
+    """qc/batch_similarity.png: ccb [Nbatch, Nbatch], iorig [Nbatch] (from the cache alone: drawn while the Phy
+    files are written)."""
+    batch_similarity(qc / "batch_similarity.png", np.asarray(ccb, dtype=float), np.asarray(iorig))
 
 
-def save_phy_figures(folder, ctx):
-    """<folder>/qc/drift_map.png and templates.png, from the Phy files in <folder> and the cache."""
-    folder = Path(folder)
-    qc = qc_folder(folder)
-    ir = ctx.intermediate
-    times = np.load(folder / "spike_times.npy").astype(np.float64) / ctx.params.fs
-    templates_of_spikes = np.load(folder / "spike_templates.npy").astype(np.int64)
-    amplitudes = np.load(folder / "amplitudes.npy")
-    pc_features = np.load(folder / "pc_features.npy", mmap_mode="r")
-    pc_ind = np.load(folder / "pc_feature_ind.npy").astype(np.int64)
-    yc, xc = np.asarray(ir.yc, dtype=float), np.asarray(ir.xc, dtype=float)
-    depths = spike_depths(pc_features, pc_ind, templates_of_spikes, yc)
-    drift_map(qc / "drift_map.png", times, depths, amplitudes)
+def draw_templates_figure(qc: Path, good, xc, yc):
+    """qc/templates.png from the Phy folder's templates, whitening and spike templates; good [K] bool, xc, yc
+    [Nchan]."""
+    folder = qc.parent
     templates = np.load(folder / "templates.npy")
-    counts = np.bincount(templates_of_spikes, minlength=len(templates))
+    counts = np.bincount(np.load(folder / "spike_templates.npy").astype(np.int64), minlength=len(templates))
     largest_templates(qc / "templates.png", templates, np.load(folder / "whitening_mat_inv.npy"), counts,
-                      np.asarray(ir.good), xc, yc)
+                      np.asarray(good), np.asarray(xc, dtype=float), np.asarray(yc, dtype=float))
+
+
+def draw_drift_map(qc: Path, yc, fs):
+    """qc/drift_map.png from the Phy folder's spikes and PC features; yc [Nchan], fs the sampling rate."""
+    folder = qc.parent
+    times = np.load(folder / "spike_times.npy").astype(np.float64) / float(fs)
+    depths = spike_depths(np.load(folder / "pc_features.npy", mmap_mode="r"),
+                          np.load(folder / "pc_feature_ind.npy").astype(np.int64),
+                          np.load(folder / "spike_templates.npy").astype(np.int64), np.asarray(yc, dtype=float))
+    drift_map(qc / "drift_map.png", times, depths, np.load(folder / "amplitudes.npy"))
+
+
+FIGURES = {"batch_similarity": draw_batch_figure, "templates": draw_templates_figure, "drift_map": draw_drift_map}
+
+
+class FigureProcess:
+    """The process that draws the QC figures. ``draw(name, qc_folder, **arrays)`` queues FIGURES[name] (the arrays
+    travel in a .npz file beside the figure); ``close()`` waits for every figure and raises RuntimeError with the
+    process's error when one failed. Its messages go to qc/figures.log, which is deleted after a clean run."""
+
+    def __init__(self, folder):
+        self.qc = qc_folder(folder)
+        self.log_path = self.qc / "figures.log"
+        self.jobs = 0
+        self.tag = uuid.uuid4().hex[:8]  # job files of this process only (a resumed sort may start another one)
+        with open(self.log_path, "w") as log:
+            try:
+                self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
+                                                stdout=log, stderr=subprocess.STDOUT, text=True)
+            except OSError as err:
+                raise RuntimeError(f"the process drawing the QC figures could not start ({err}): set fig=False to "
+                                   "sort without them") from err
+
+    def draw(self, name: str, **arrays):
+        job = self.qc / f".{name}.{self.tag}.{self.jobs}.npz"
+        self.jobs += 1
+        np.savez(job, **arrays)
+        try:
+            self.process.stdin.write(f"{name}\t{self.qc}\t{job}\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:  # it stopped at an earlier figure: close() says why
+            pass
+
+    def close(self):
+        with_error = False
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:  # it stopped with jobs still to read
+            with_error = True
+        self.process.wait()
+        for job in self.qc.glob(f".*.{self.tag}.*.npz"):
+            job.unlink()
+        if self.process.returncode != 0 or with_error:
+            message = self.log_path.read_text().strip().splitlines()[-1:] or ["no message"]
+            raise RuntimeError(f"drawing the QC figures failed ({message[0]}); see {self.log_path}, or set "
+                               "fig=False to sort without them")
+        self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:  # the sort failed: stop drawing, keep its error
+            self.process.kill()
+            self.process.wait()
+
+
+def serve():
+    """The drawing process: one job per line of stdin (figure name, qc folder, .npz of its arrays)."""
+    new_figure((1, 1))  # imports matplotlib while the sort runs
+    for line in sys.stdin:
+        name, qc, job = line.rstrip("\n").split("\t")
+        with np.load(job) as arrays:
+            FIGURES[name](Path(qc), **arrays)
+        os.unlink(job)
+
+
+if __name__ == "__main__":
+    serve()

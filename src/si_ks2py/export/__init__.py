@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..plots import FigureProcess
 
 logger = logging.getLogger("si_ks2py")
 
@@ -31,26 +35,27 @@ def save_rez(ctx):
 
 def run_export(ctx):
     """The Phy folder, then (``fig``) the QC figures, (``save_rez_to_mat``) rez.mat, and the deletion of
-    ``delete_tmp_files``. The figures are drawn by one background thread (matplotlib, imported there, draws one
-    figure at a time): the batch figure, which needs only the cache, while the Phy files are written, then the
-    figures that read them. Timings: ``export`` is the Phy folder, ``qc_figures`` the wait for the figures after it."""
-    from ..plots import save_batch_figure, save_phy_figures
+    ``delete_tmp_files``. The figures are drawn by a separate process (``ctx.figures``, started with the sort, or
+    here when there is none, see plots.py): the batch figure, which needs only the cache, after the reorder stage
+    (or here, while the Phy files are written), the templates once the small Phy files are there, the drift map
+    once the features are. Timings: ``export`` is the Phy folder, ``qc_figures`` the wait for the figures after
+    it."""
     from .phy import write_phy
 
-    params = ctx.user_params
-    with ThreadPoolExecutor(max_workers=1) as drawing:
-        figures = [drawing.submit(save_batch_figure, ctx.output_folder, ctx)] if params["fig"] else []
+    params, ir = ctx.user_params, ctx.intermediate
+    with contextlib.ExitStack() as stack:
+        figures = ctx.get("figures")
+        if params["fig"] and figures is None:  # no process started with the sort (which drew the batch figure)
+            figures = stack.enter_context(FigureProcess(ctx.output_folder))
+            figures.draw("batch_similarity", ccb=np.asarray(ir.ccb), iorig=np.asarray(ir.iorig))
         t = time.perf_counter()
-        write_phy(ctx)
+        write_phy(ctx, figures)
         ctx.timings["export"] = time.perf_counter() - t
-        if params["fig"]:
-            t = time.perf_counter()
-            figures.append(drawing.submit(save_phy_figures, ctx.output_folder, ctx))
+        t = time.perf_counter()
         if params["save_rez_to_mat"]:
             save_rez(ctx)
-        for figure in figures:
-            figure.result()  # raises a figure's error here
-        if params["fig"]:
+        if figures is not None:
+            figures.close()  # raises a figure's error here
             ctx.timings["qc_figures"] = time.perf_counter() - t
     for name in tmp_files_to_delete(params["delete_tmp_files"]):
         if ctx.intermediate.has_file(name):

@@ -56,8 +56,10 @@ def save_rows(path, source, rows: np.ndarray, chunk: int = 2 ** 16):
         out[a:a + chunk] = source[rows[a:a + chunk]]
 
 
-def write_phy(ctx):
-    """Write the Phy folder into ctx.output_folder (replacing the files of an earlier export)."""
+def write_phy(ctx, figures=None):
+    """Write the Phy folder into ctx.output_folder (replacing the files of an earlier export); ``figures`` (a
+    plots.FigureProcess) is asked for the templates figure once the small files are written, for the drift map
+    once the features are."""
     folder = Path(ctx.output_folder)
     ir, p = ctx.intermediate, ctx.params
     for name in PHY_FILES:  # an earlier export's files (never the user's recording: those names are ours)
@@ -84,8 +86,12 @@ def write_phy(ctx):
         features = [writers.submit(save_rows, folder / name, source, rows)
                     for name, source in (("pc_features.npy", ir.cProjPC), ("template_features.npy", ir.cProj))]
         write_small_files(ctx, folder, st3, clusters, templates, whitening, whitening_inv, template_feature_ind)
+        if figures is not None:
+            figures.draw("templates", good=np.asarray(ir.good), xc=np.asarray(ir.xc), yc=np.asarray(ir.yc))
         for written in features:
             written.result()
+    if figures is not None:
+        figures.draw("drift_map", yc=np.asarray(ir.yc), fs=float(p.fs))
 
 
 def write_small_files(ctx, folder: Path, st3, clusters, templates, whitening, whitening_inv, template_feature_ind):
