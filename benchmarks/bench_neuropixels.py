@@ -237,12 +237,11 @@ def report(name: str, sorter: str, r: dict) -> str:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
     gpu = "n/a" if r.get("gpu_peak_mib") is None else f"{r['gpu_peak_mib'] / 1024:.2f} GB"
     peaks = r.get("pool_peak_mib") or {}
-    pool_peaks = "".join([f"\n{'':17}memory pool at stage end (MiB): "] + [", ".join(
-        f"{k} {v:.0f}" for k, v in peaks.items())] if peaks else [])
+    pool_peaks = f"\n{'':17}memory pool peak (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
     return (f"{name:<7}{sorter:<10} wall {r['wall_s']:7.1f} s = {r['x_realtime']:5.1f}x realtime, GPU peak {gpu}, "
             f"host peak {r['host_peak_mib'] / 1024:.1f} GB; GT >= 0.8: {r['accuracy_0.8']}/{r['gt_units']}, "
             f">= 0.95: {r['accuracy_0.95']}, units {r['sorted_units']}, false positive {r['false_positive']}, "
-            f"redundant {r['redundant']}\n{'':17}stages (s): {stages}" + pool_peaks)
+            f"redundant {r['redundant']}\n{'':17}stages (s): {stages}" + (pool_peaks if peaks else ""))
 
 
 def main(argv=None):

@@ -124,8 +124,8 @@ def qc_folder(folder) -> Path:
 
 
 def draw_batch_figure(qc: Path, ccb, iorig):
-    """qc/batch_similarity.png: ccb [Nbatch, Nbatch], iorig [Nbatch] (from the cache alone: drawn while the Phy
-    files are written)."""
+    """qc/batch_similarity.png: ccb [Nbatch, Nbatch], iorig [Nbatch] (from the cache alone: drawn as soon as the
+    reorder stage is done)."""
     batch_similarity(qc / "batch_similarity.png", np.asarray(ccb, dtype=float), np.asarray(iorig))
 
 
@@ -153,7 +153,7 @@ FIGURES = {"batch_similarity": draw_batch_figure, "templates": draw_templates_fi
 
 
 class FigureProcess:
-    """The process that draws the QC figures. ``draw(name, qc_folder, **arrays)`` queues FIGURES[name] (the arrays
+    """The process that draws the QC figures. ``draw(name, **arrays)`` queues FIGURES[name] (the arrays
     travel in a .npz file beside the figure); ``close()`` waits for every figure and raises RuntimeError with the
     process's error when one failed. Its messages go to qc/figures.log, which is deleted after a clean run."""
 
