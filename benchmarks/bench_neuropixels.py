@@ -8,10 +8,12 @@ the accuracy against the ground truth.
 The recordings come from SpikeInterface's generate_drifting_recording (384 channels of a Neuropixels 1.0 probe,
 ``--units`` units, once static and once with its default zigzag drift); they are saved as int16 binary folders
 first (not timed) and reused by a later call with the same arguments and the same ``--workdir``. Each sort runs
-in its own process, so its GPU memory (sampled with nvidia-smi, above what the GPU held before) and its host peak
-(max RSS) are its own. ``--warmup`` first sorts WARMUP_S seconds with ks2py so that the timed sorts find the compiled
-kernels in CuPy's (and numba's) disk cache; the warm-up's time is printed as the first-run (compile) time. It is long
-enough for clusters of the 300 spikes that the splits need, whose GPU code a shorter one would leave uncompiled.
+in its own process, so its GPU memory (sampled through NVML, above what the GPU held before) and its host peak
+(max RSS) are its own. ``--warmup`` first sorts the whole first set with ks2py (not timed as a result) so that the
+timed sorts find every kernel compiled in CuPy's (and numba's) disk cache; its time is printed as the first-run
+(compile) time. A shorter warm-up leaves kernels uncompiled: CuPy compiles variants of some kernels by the size
+of their input (a 60 s warm-up left two, 0.3 s of compilation, to the first 300 s sort; a 10 s one left the
+split's code, whose clusters it never gives the 300 spikes a split needs).
 
 kilosort4 is run through spikeinterface.sorters.run_sorter with its defaults (drift correction on); its stage
 times are the ``runtime_*`` entries of its ops.npy. Every sort is scored with SpikeInterface's
@@ -21,6 +23,7 @@ compare_sorter_to_ground_truth (exhaustive ground truth, all units of the sort, 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -35,7 +38,6 @@ import numpy as np
 
 SETS = ("static", "drift")
 SORTERS = ("ks2py", "kilosort4")
-WARMUP_S = 60.0
 
 
 def neuropixels_1_probe(num_channels: int = 384):
@@ -77,33 +79,48 @@ def generate_sets(args, work: Path) -> dict[str, Path]:
     return folders
 
 
-class GpuMemorySampler:
-    """Peak GPU memory used (MiB, nvidia-smi every 100 ms) above the level when it started."""
+class MemoryInfo(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
 
-    def __init__(self):
+
+class GpuMemorySampler:
+    """Peak GPU memory used (MiB) above the level when it started, read every 100 ms through NVML by a thread of
+    this process (libnvidia-ml, which nvidia-smi is built on: running nvidia-smi in a loop instead slowed the sort
+    it measured)."""
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s = interval_s
         self.peak = self.baseline = None
-        self.process = None
+        self.stop = threading.Event()
+
+    def _used_mib(self) -> int:
+        info = MemoryInfo()
+        if self.nvml.nvmlDeviceGetMemoryInfo(self.handle, ctypes.byref(info)) != 0:
+            raise OSError("nvmlDeviceGetMemoryInfo failed")
+        return info.used // 2 ** 20
 
     def __enter__(self):
-        if shutil.which("nvidia-smi") is None:
+        try:
+            self.nvml = ctypes.CDLL("libnvidia-ml.so.1")
+            self.handle = ctypes.c_void_p()
+            if self.nvml.nvmlInit_v2() != 0 or self.nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.handle)):
+                return self
+            self.baseline = self.peak = self._used_mib()
+        except OSError:  # no NVIDIA driver: no GPU figure
             return self
-        command = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]
-        self.baseline = int(subprocess.check_output(command, text=True).split()[0])
-        self.peak = self.baseline
-        self.process = subprocess.Popen(command + ["-lms", "100"], stdout=subprocess.PIPE, text=True)
-        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
 
-    def _read(self):
-        for line in self.process.stdout:
-            if line.strip().isdigit():
-                self.peak = max(self.peak, int(line))
+    def _sample(self):
+        while not self.stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._used_mib())
 
     def __exit__(self, *exc):
-        if self.process is not None:
-            self.process.terminate()
-            self.thread.join(timeout=5)
+        if self.baseline is not None:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, self._used_mib())
 
     @property
     def peak_mib(self):
@@ -255,7 +272,7 @@ def main(argv=None):
     parser.add_argument("--workdir", required=False, default="ks2py_bench")
     parser.add_argument("--n-jobs", type=int, default=os.cpu_count())
     parser.add_argument("--warmup", action="store_true",
-                        help=f"sort {WARMUP_S:g} s with ks2py first (kernel compilation)")
+                        help="sort the first set with ks2py first (kernel compilation)")
     parser.add_argument("--json", default=None, help="append the results to this JSON-lines file")
     parser.add_argument("--profile", default=None,
                         help="folder for a cProfile summary of each sort (main thread), profile_<set>_<sorter>.txt")
@@ -275,9 +292,9 @@ def main(argv=None):
     os.environ.setdefault("MPLCONFIGDIR", str((work / "mplconfig").absolute()))
     folders = generate_sets(args, work)
     if args.warmup and "ks2py" in args.sorters:
-        r = run_child("ks2py", folders[args.sets[0]], folders["gt"], work / "sort_warmup", seconds=WARMUP_S)
+        r = run_child("ks2py", folders[args.sets[0]], folders["gt"], work / "sort_warmup")
         if not r.get("failed"):
-            print(f"ks2py first run (kernel compilation) on {WARMUP_S:g} s: {r['wall_s']:.1f} s", flush=True)
+            print(f"ks2py first run (kernel compilation) on {args.sets[0]}: {r['wall_s']:.1f} s", flush=True)
     for name in args.sets:
         for sorter in args.sorters:
             profile = None if args.profile is None else Path(args.profile) / f"profile_{name}_{sorter}.txt"

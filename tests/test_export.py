@@ -119,24 +119,21 @@ def test_changing_aucsplit_reruns_only_split_and_cutoff(tmp_path):
 
 
 def small_export_context(folder, rng, n_templates=5, n_chan=16, n_batches=9):
-    """A ctx with what run_export reads from the cache, and a write_phy stand-in writing Phy files of its size."""
+    """A ctx with what run_export reads from the cache, and a write_phy stand-in that asks for the two figures with
+    arrays of their size, as write_phy does."""
     xc, yc = np.tile([0.0, 32.0], n_chan // 2), np.repeat(np.arange(n_chan // 2) * 20.0, 2)
     ccb = rng.uniform(size=(n_batches, n_batches))
     ir = Bunch(xc=xc, yc=yc, good=np.arange(n_templates) % 2 == 0, ccb=ccb + ccb.T, iorig=rng.permutation(n_batches))
     ctx = Bunch(intermediate=ir, params=Bunch(fs=30000.0), output_folder=folder, timings={},
                 user_params={"fig": True, "save_rez_to_mat": False, "delete_tmp_files": ("matlab_files",)})
 
-    def write_phy(_, figures):
+    def write_phy(_, figures):  # as write_phy: the two figures from the arrays of its files
         n = 3000
-        np.save(folder / "spike_times.npy", np.sort(rng.integers(0, 300_000, n)).astype(np.uint64))
-        np.save(folder / "spike_templates.npy", rng.integers(0, n_templates, n).astype(np.uint32))
-        np.save(folder / "amplitudes.npy", rng.uniform(10, 30, n))
-        np.save(folder / "pc_features.npy", rng.normal(size=(n, 3, 8)).astype(np.float32))
-        np.save(folder / "pc_feature_ind.npy", rng.integers(0, n_chan, (n_templates, 8)).astype(np.uint32))
-        np.save(folder / "templates.npy", rng.normal(size=(n_templates, 82, n_chan)).astype(np.float32))
-        np.save(folder / "whitening_mat_inv.npy", np.eye(n_chan))
-        figures.draw("templates", good=ir.good, xc=xc, yc=yc)  # as write_phy: once the files it reads are there
-        figures.draw("drift_map", yc=yc, fs=30000.0)
+        figures.draw("templates", templates=rng.normal(size=(n_templates, 82, n_chan)).astype(np.float32),
+                     whitening_inv=np.eye(n_chan), counts=rng.integers(0, 1000, n_templates), good=ir.good, xc=xc,
+                     yc=yc)
+        figures.draw("drift_map", times_s=np.sort(rng.uniform(0, 10, n)), depths=rng.uniform(0, 160, n),
+                     amplitudes=rng.uniform(10, 30, n))
 
     return ctx, write_phy
 
@@ -166,7 +163,7 @@ def test_a_qc_figure_error_is_raised_by_the_export(tmp_path, monkeypatch):
     class BrokenTemplates:
         def draw(self, name, **arrays):
             if name == "templates":
-                np.save(tmp_path / "templates.npy", np.zeros(3))  # not [K, nt, Nchan]: the figure fails
+                arrays["templates"] = np.zeros(3)  # not [K, nt, Nchan]: the figure fails
             ctx.figures.draw(name, **arrays)
 
     def write_phy(ctx, figures):
@@ -184,7 +181,7 @@ def test_the_figure_process_stops_when_the_sort_fails(tmp_path):
         with plots.FigureProcess(tmp_path) as figures:
             figures.draw("batch_similarity", ccb=np.eye(4), iorig=np.arange(4))
             raise ValueError("a stage failed")
-    assert figures.process.returncode is not None  # stopped, not left running
+    assert all(process.returncode is not None for process in figures.processes)  # stopped, not left running
 
 
 def test_spike_depths_in_chunks_equal_the_whole_computation(monkeypatch):
@@ -193,7 +190,8 @@ def test_spike_depths_in_chunks_equal_the_whole_computation(monkeypatch):
     pc_feature_ind = rng.integers(0, 16, (5, 8))
     spike_templates = rng.integers(0, 5, 1000)
     yc = rng.uniform(0, 400, 16)
-    weights = pc_features[:, 0, :].astype(np.float64) ** 2
+    rows = rng.permutation(1000)
+    weights = pc_features[rows, 0, :].astype(np.float64) ** 2
     expected = (weights * yc[pc_feature_ind[spike_templates]]).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)
     monkeypatch.setattr(plots, "SPIKES_PER_CHUNK", 97)
-    assert plots.spike_depths(pc_features, pc_feature_ind, spike_templates, yc).tobytes() == expected.tobytes()
+    assert plots.spike_depths(pc_features, rows, pc_feature_ind, spike_templates, yc).tobytes() == expected.tobytes()

@@ -1,10 +1,12 @@
+import time
+
 import numpy as np
 import pytest
 from scipy import signal
 
 import spikeinterface.core as sc
 from si_ks2py.cpu import ops
-from si_ks2py.io import WhitenedData
+from si_ks2py.io import WhitenedData, large_host_array
 from si_ks2py.pipeline import run
 from si_ks2py.stages.preprocess import butterworth, to_int16
 from conftest import generate_recording
@@ -50,6 +52,15 @@ def test_running_min_and_sum_match_direct_windows():
         sums = np.stack([np.take(x, ix, axis=axis).sum(axis=axis) for ix in idx], axis=axis)
         np.testing.assert_allclose(ops.running_min(x, hw, axis), mins)
         np.testing.assert_allclose(ops.running_sum(x, hw, axis), sums, atol=1e-5)
+
+
+def test_large_host_array_keeps_what_is_written_while_its_pages_are_faulted_in():
+    # 5 huge pages and a bit: slices of whole huge pages for the populating threads, a short last one
+    data = np.random.default_rng(3).integers(-2 ** 15, 2 ** 15, 5 * 2 ** 20 + 12345, dtype=np.int16)
+    array = large_host_array(data.shape, np.int16)
+    array[:] = data  # written while the threads fault the pages in
+    time.sleep(0.2)
+    np.testing.assert_array_equal(array, data)
 
 
 def test_int16_conversion_rounds_and_saturates():

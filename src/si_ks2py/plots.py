@@ -3,7 +3,8 @@
 The figures are drawn with matplotlib's object API (``Figure`` on an Agg canvas, no pyplot) by a separate Python
 process (``FigureProcess``, this file run as a script): matplotlib is pure Python, and drawing in a thread of the
 sort would hold the interpreter lock that the sort's own threads need. The process is started with the sort, so
-that its imports are done by the export, and draws each figure as soon as the files it reads are written. This
+that its imports are done by the export, and draws each figure as soon as its arrays are known: the batch figure
+after the reorder stage, the others at the start of the export, while the Phy files are written. This
 module imports only NumPy (and matplotlib in the drawing process), so that the process starts quickly.
 """
 
@@ -35,16 +36,16 @@ def save_png(figure, path):
     figure.savefig(path, dpi=120, pil_kwargs={"compress_level": 1})
 
 
-def spike_depths(pc_features, pc_feature_ind, spike_templates, yc):
+def spike_depths(pc_features, rows, pc_feature_ind, spike_templates, yc):
     """Depth of each spike: the channel depths weighted by its first-PC energy on its template's channels.
 
-    pc_features [n, 3, n_near] (a memory map is fine), pc_feature_ind [K, n_near], spike_templates [n], yc [Nchan];
-    returns [n] float64."""
+    pc_features [N, 3, n_near] (a memory map is fine), rows [n] int64 the spikes' rows in it, pc_feature_ind
+    [K, n_near], spike_templates [n], yc [Nchan]; returns [n] float64."""
     template_depths = yc[pc_feature_ind]  # [K, n_near]
     depths = np.empty(len(spike_templates))
     for start in range(0, len(spike_templates), SPIKES_PER_CHUNK):
         chunk = slice(start, start + SPIKES_PER_CHUNK)
-        weights = pc_features[chunk, 0, :].astype(np.float64) ** 2
+        weights = pc_features[rows[chunk], 0, :].astype(np.float64) ** 2
         depths[chunk] = ((weights * template_depths[spike_templates[chunk]]).sum(axis=1)
                          / np.maximum(weights.sum(axis=1), 1e-12))
     return depths
@@ -129,71 +130,79 @@ def draw_batch_figure(qc: Path, ccb, iorig):
     batch_similarity(qc / "batch_similarity.png", np.asarray(ccb, dtype=float), np.asarray(iorig))
 
 
-def draw_templates_figure(qc: Path, good, xc, yc):
-    """qc/templates.png from the Phy folder's templates, whitening and spike templates; good [K] bool, xc, yc
-    [Nchan]."""
-    folder = qc.parent
-    templates = np.load(folder / "templates.npy")
-    counts = np.bincount(np.load(folder / "spike_templates.npy").astype(np.int64), minlength=len(templates))
-    largest_templates(qc / "templates.png", templates, np.load(folder / "whitening_mat_inv.npy"), counts,
-                      np.asarray(good), np.asarray(xc, dtype=float), np.asarray(yc, dtype=float))
+def draw_templates_figure(qc: Path, templates, whitening_inv, counts, good, xc, yc):
+    """qc/templates.png: templates [K, nt, Nchan] (whitened), whitening_inv [Nchan, Nchan], counts [K] spikes per
+    template, good [K] bool, xc, yc [Nchan]."""
+    largest_templates(qc / "templates.png", templates, whitening_inv, np.asarray(counts), np.asarray(good),
+                      np.asarray(xc, dtype=float), np.asarray(yc, dtype=float))
 
 
-def draw_drift_map(qc: Path, yc, fs):
-    """qc/drift_map.png from the Phy folder's spikes and PC features; yc [Nchan], fs the sampling rate."""
-    folder = qc.parent
-    times = np.load(folder / "spike_times.npy").astype(np.float64) / float(fs)
-    depths = spike_depths(np.load(folder / "pc_features.npy", mmap_mode="r"),
-                          np.load(folder / "pc_feature_ind.npy").astype(np.int64),
-                          np.load(folder / "spike_templates.npy").astype(np.int64), np.asarray(yc, dtype=float))
-    drift_map(qc / "drift_map.png", times, depths, np.load(folder / "amplitudes.npy"))
+def draw_drift_map(qc: Path, times_s, depths, amplitudes):
+    """qc/drift_map.png: times_s, depths (um), amplitudes [n] of every spike."""
+    drift_map(qc / "drift_map.png", np.asarray(times_s), np.asarray(depths), np.asarray(amplitudes))
 
 
 FIGURES = {"batch_similarity": draw_batch_figure, "templates": draw_templates_figure, "drift_map": draw_drift_map}
 
 
+DRAWERS = 2  # processes drawing side by side: the templates and the drift map are asked for together
+
+
 class FigureProcess:
-    """The process that draws the QC figures. ``draw(name, **arrays)`` queues FIGURES[name] (the arrays
-    travel in a .npz file beside the figure); ``close()`` waits for every figure and raises RuntimeError with the
-    process's error when one failed. Its messages go to qc/figures.log, which is deleted after a clean run."""
+    """The processes that draw the QC figures (DRAWERS of them, each figure drawn by the next one in turn).
+    ``draw(name, **arrays)`` queues FIGURES[name] (the arrays travel in a .npz file beside the figure);
+    ``close()`` waits for every figure and raises RuntimeError with a process's error when one failed. Their
+    messages go to qc/figures.log, which is deleted after a clean run."""
 
     def __init__(self, folder):
         self.qc = qc_folder(folder)
         self.log_path = self.qc / "figures.log"
         self.jobs = 0
-        self.tag = uuid.uuid4().hex[:8]  # job files of this process only (a resumed sort may start another one)
+        self.tag = uuid.uuid4().hex[:8]  # job files of this sort only (a resumed sort may start others)
+        self.processes = []
         with open(self.log_path, "w") as log:
             try:
-                self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
-                                                stdout=log, stderr=subprocess.STDOUT, text=True)
+                for _ in range(DRAWERS):
+                    self.processes.append(subprocess.Popen([sys.executable, os.path.abspath(__file__)],
+                                                           stdin=subprocess.PIPE, stdout=log,
+                                                           stderr=subprocess.STDOUT, text=True))
             except OSError as err:
+                self.kill()
                 raise RuntimeError(f"the process drawing the QC figures could not start ({err}): set fig=False to "
                                    "sort without them") from err
 
     def draw(self, name: str, **arrays):
         job = self.qc / f".{name}.{self.tag}.{self.jobs}.npz"
+        process = self.processes[self.jobs % len(self.processes)]
         self.jobs += 1
         np.savez(job, **arrays)
         try:
-            self.process.stdin.write(f"{name}\t{self.qc}\t{job}\n")
-            self.process.stdin.flush()
+            process.stdin.write(f"{name}\t{self.qc}\t{job}\n")
+            process.stdin.flush()
         except BrokenPipeError:  # it stopped at an earlier figure: close() says why
             pass
 
     def close(self):
         with_error = False
-        try:
-            self.process.stdin.close()
-        except BrokenPipeError:  # it stopped with jobs still to read
-            with_error = True
-        self.process.wait()
+        for process in self.processes:
+            try:
+                process.stdin.close()
+            except BrokenPipeError:  # it stopped with jobs still to read
+                with_error = True
+        for process in self.processes:
+            with_error |= process.wait() != 0
         for job in self.qc.glob(f".*.{self.tag}.*.npz"):
             job.unlink()
-        if self.process.returncode != 0 or with_error:
+        if with_error:
             message = self.log_path.read_text().strip().splitlines()[-1:] or ["no message"]
             raise RuntimeError(f"drawing the QC figures failed ({message[0]}); see {self.log_path}, or set "
                                "fig=False to sort without them")
         self.log_path.unlink(missing_ok=True)
+
+    def kill(self):
+        for process in self.processes:
+            process.kill()
+            process.wait()
 
     def __enter__(self):
         return self
@@ -202,8 +211,7 @@ class FigureProcess:
         if exc[0] is None:
             self.close()
         else:  # the sort failed: stop drawing, keep its error
-            self.process.kill()
-            self.process.wait()
+            self.kill()
 
 
 def serve():

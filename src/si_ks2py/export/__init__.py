@@ -37,9 +37,8 @@ def run_export(ctx):
     """The Phy folder, then (``fig``) the QC figures, (``save_rez_to_mat``) rez.mat, and the deletion of
     ``delete_tmp_files``. The figures are drawn by a separate process (``ctx.figures``, started with the sort, or
     here when there is none, see plots.py): the batch figure, which needs only the cache, after the reorder stage
-    (or here, while the Phy files are written), the templates once the small Phy files are there, the drift map
-    once the features are. Timings: ``export`` is the Phy folder, ``qc_figures`` the wait for the figures after
-    it."""
+    (or here), the templates and the drift map from write_phy's arrays while it writes the files. Timings:
+    ``export`` is the Phy folder, ``qc_figures`` the wait for the figures after it."""
     from .phy import write_phy
 
     params, ir = ctx.user_params, ctx.intermediate

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import binary_source
+from ..plots import spike_depths
 from ..templates import dense_templates
 
 logger = logging.getLogger("si_ks2py")
@@ -58,8 +59,7 @@ def save_rows(path, source, rows: np.ndarray, chunk: int = 2 ** 16):
 
 def write_phy(ctx, figures=None):
     """Write the Phy folder into ctx.output_folder (replacing the files of an earlier export); ``figures`` (a
-    plots.FigureProcess) is asked for the templates figure once the small files are written, for the drift map
-    once the features are."""
+    plots.FigureProcess) is asked for the templates figure and the drift map first, from the arrays of the files."""
     folder = Path(ctx.output_folder)
     ir, p = ctx.intermediate, ctx.params
     for name in PHY_FILES:  # an earlier export's files (never the user's recording: those names are ours)
@@ -81,17 +81,20 @@ def write_phy(ctx, figures=None):
     template_feature_ind = np.asarray(ir.iNeigh)[np.where(np.arange(n_templates) < n_learnt,
                                                           np.arange(n_templates), parent)]
 
+    if figures is not None:  # drawn from these arrays while the files are written
+        figures.draw("templates", templates=templates, whitening_inv=whitening_inv,
+                     counts=np.bincount(clusters, minlength=n_templates), good=np.asarray(ir.good),
+                     xc=np.asarray(ir.xc), yc=np.asarray(ir.yc))
+        depths = spike_depths(ir.cProjPC, rows, np.asarray(ir.iNeighPC_s, dtype=np.int64), clusters,
+                              np.asarray(ir.yc, dtype=np.float64))
+        figures.draw("drift_map", times_s=st3[:, 0] / p.fs, depths=depths, amplitudes=st3[:, 2])
     # the two feature files (most of the folder's bytes) are gathered and written by threads meanwhile
     with ThreadPoolExecutor(max_workers=2) as writers:
         features = [writers.submit(save_rows, folder / name, source, rows)
                     for name, source in (("pc_features.npy", ir.cProjPC), ("template_features.npy", ir.cProj))]
         write_small_files(ctx, folder, st3, clusters, templates, whitening, whitening_inv, template_feature_ind)
-        if figures is not None:
-            figures.draw("templates", good=np.asarray(ir.good), xc=np.asarray(ir.xc), yc=np.asarray(ir.yc))
         for written in features:
             written.result()
-    if figures is not None:
-        figures.draw("drift_map", yc=np.asarray(ir.yc), fs=float(p.fs))
 
 
 def write_small_files(ctx, folder: Path, st3, clusters, templates, whitening, whitening_inv, template_feature_ind):
