@@ -84,9 +84,9 @@ class MemoryInfo(ctypes.Structure):
 
 
 class GpuMemorySampler:
-    """Peak GPU memory used (MiB) above the level when it started, read every 100 ms through NVML by a thread of
-    this process (libnvidia-ml, which nvidia-smi is built on: running nvidia-smi in a loop instead slowed the sort
-    it measured)."""
+    """Peak GPU memory used (MiB) above the level when it started, read every 100 ms through NVML (libnvidia-ml,
+    which nvidia-smi is built on) by a thread of this process: lighter than an nvidia-smi process sampling in a
+    loop beside the sort."""
 
     def __init__(self, interval_s: float = 0.1):
         self.interval_s = interval_s
