@@ -22,6 +22,8 @@ from . import params as params_module
 from .backend import get_ops
 from .checks import check_recording_values
 from .context import Context, Intermediate, fingerprint
+from .export import draw_batch_figure, run_export
+from .plots import FigureProcess
 from .probe import probe_from_recording
 
 logger = logging.getLogger("si_ks2py")
@@ -182,7 +184,7 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
             else:
                 run_stage(ctx, stage)
             if stage == "reorder" and ctx.get("figures") is not None:  # drawn while the later stages run
-                ctx.figures.draw("batch_similarity", ccb=np.asarray(ir.ccb), iorig=np.asarray(ir.iorig))
+                draw_batch_figure(ctx.figures, ir)
     finally:
         ir.wait_for_files()  # e.g. the whitened file, written while the later stages ran
     return ctx
@@ -217,12 +219,8 @@ def run(recording, output_folder, params: dict | None = None, verbose: bool = Tr
                     ctx.params.n_samples / ctx.params.fs, ctx.ops.name)
         with contextlib.ExitStack() as stack:
             if stop_after is None and ctx.user_params["fig"]:  # started now: its imports are done by the export
-                from .plots import FigureProcess
-
                 ctx.figures = stack.enter_context(FigureProcess(output_folder))
             run_stages(ctx, stop_after)
             if stop_after is None:
-                from .export import run_export
-
                 run_export(ctx)
     return ctx
