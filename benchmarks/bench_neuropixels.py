@@ -13,7 +13,9 @@ in its own process, so its GPU memory (sampled through NVML, above what the GPU 
 timed sorts find every kernel compiled in CuPy's (and numba's) disk cache; its time is printed as the first-run
 (compile) time. A shorter warm-up leaves kernels uncompiled: CuPy compiles variants of some kernels by the size
 of their input (a 60 s warm-up left two, 0.3 s of compilation, to the first 300 s sort; a 10 s one left the
-split's code, whose clusters it never gives the 300 spikes a split needs).
+split's code, whose clusters it never gives the 300 spikes a split needs). ``--repeats N`` sorts each set N times
+with ks2py and prints the median: the same code varies by 1-3 s between sorts on one machine. Before each sort the
+disk's dirty pages are flushed (``os.sync``), so that the writeback of the sort before does not overlap it.
 
 kilosort4 is run through spikeinterface.sorters.run_sorter with its defaults (drift correction on); its stage
 times are the ``runtime_*`` entries of its ops.npy. Every sort is scored with SpikeInterface's
@@ -237,6 +239,7 @@ def run_child(sorter: str, recording: Path, gt: Path, folder: Path, seconds: flo
                "--folder", str(folder), "--seconds", str(seconds)]
     if profile is not None:
         command += ["--profile", str(profile)]
+    os.sync()  # the sort before wrote ~7 GB (whitened file, Phy folder): its writeback must not overlap this one
     with GpuMemorySampler() as memory:
         done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -273,6 +276,8 @@ def main(argv=None):
     parser.add_argument("--n-jobs", type=int, default=os.cpu_count())
     parser.add_argument("--warmup", action="store_true",
                         help="sort the first set with ks2py first (kernel compilation)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="sort each set this many times with ks2py (kilosort4 once) and print the median")
     parser.add_argument("--json", default=None, help="append the results to this JSON-lines file")
     parser.add_argument("--profile", default=None,
                         help="folder for a cProfile summary of each sort (main thread), profile_<set>_<sorter>.txt")
@@ -295,15 +300,23 @@ def main(argv=None):
         r = run_child("ks2py", folders[args.sets[0]], folders["gt"], work / "sort_warmup")
         if not r.get("failed"):
             print(f"ks2py first run (kernel compilation) on {args.sets[0]}: {r['wall_s']:.1f} s", flush=True)
+        shutil.rmtree(work / "sort_warmup", ignore_errors=True)  # the disk holds both sets and every sort's folder
     for name in args.sets:
         for sorter in args.sorters:
-            profile = None if args.profile is None else Path(args.profile) / f"profile_{name}_{sorter}.txt"
-            r = run_child(sorter, folders[name], folders["gt"], work / f"sort_{name}_{sorter}", profile=profile)
-            print(report(name, sorter, r), flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps({"set": name, "sorter": sorter, "duration_s": args.duration,
-                                        "units": args.units, **r}) + "\n")
+            walls = []
+            for repeat in range(args.repeats if sorter == "ks2py" else 1):
+                profile = None if args.profile is None else Path(args.profile) / f"profile_{name}_{sorter}.txt"
+                r = run_child(sorter, folders[name], folders["gt"], work / f"sort_{name}_{sorter}", profile=profile)
+                print(report(name, sorter, r), flush=True)
+                walls += [] if r.get("failed") else [r["wall_s"]]
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps({"set": name, "sorter": sorter, "duration_s": args.duration,
+                                            "units": args.units, "repeat": repeat, **r}) + "\n")
+            if len(walls) > 1:
+                median = float(np.median(walls))
+                print(f"{name:<7}{sorter:<10} median wall of {len(walls)} sorts {median:.1f} s = "
+                      f"{args.duration / median:.1f}x realtime (range {min(walls):.1f}-{max(walls):.1f} s)", flush=True)
 
 
 if __name__ == "__main__":
