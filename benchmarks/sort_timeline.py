@@ -1,0 +1,115 @@
+"""One ks2py sort with a timeline of its main calls: when each started and ended (seconds from the start of the
+sort, any thread) and their summed time, the chunk times of preprocessing's passes, and the time CuPy spent
+loading (or compiling) kernel modules. No synchronisation is added, so the sort runs as it would without it.
+
+    python benchmarks/sort_timeline.py RECORDING_FOLDER OUTPUT_FOLDER
+
+The output folder is replaced. Run it after a warm-up sort (see bench_neuropixels.py), or the module loads
+include the compilation of every kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import time
+from collections import defaultdict
+
+import numpy as np
+
+#: (module, functions) whose calls are timed
+TIMED = {
+    "si_ks2py.pipeline": ("build_context", "import_code", "recording_fingerprint", "check_recording_values",
+                          "get_ops", "run_stage", "run_export"),
+    "si_ks2py.stages.preprocess": ("get_good_channels", "chunk_crossings", "get_whitening_matrix",
+                                   "write_whitened", "whiten_chunk"),
+    "si_ks2py.export.phy": ("write_small_files", "save_rows"),
+}
+CHUNKS = ("chunk_crossings", "whiten_chunk")
+
+
+def record_calls(events: list):
+    """Wrap the TIMED functions (and the figure process's start and wait) to append (name, start, end)."""
+    import importlib
+
+    from si_ks2py import context, plots
+
+    def wrap(owner, name, label=None):
+        function = getattr(owner, name)
+
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                events.append((label or name, t, time.perf_counter()))
+
+        setattr(owner, name, timed)
+
+    for module_name, names in TIMED.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            wrap(module, name)
+    wrap(context.Intermediate, "wait_for_files", "wait for the whitened file")
+    wrap(plots.FigureProcess, "__init__", "figure processes start")
+    wrap(plots.FigureProcess, "close", "figure processes wait")
+
+
+def record_module_loads(loads: list):
+    """Time CuPy's loads of kernel modules (from its disk cache, or compiled on a miss); nothing without CuPy."""
+    try:
+        import cupy.cuda.compiler as compiler
+    except ImportError:
+        return
+    load = compiler._compile_module_with_cache
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            loads.append(time.perf_counter() - t)
+
+    compiler._compile_module_with_cache = timed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recording", help="the recording's SpikeInterface folder")
+    parser.add_argument("output", help="output folder of the sort (replaced)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    import spikeinterface.core as sc
+
+    from si_ks2py.pipeline import run
+
+    recording = sc.load(args.recording)
+    shutil.rmtree(args.output, ignore_errors=True)
+    events, loads = [], []
+    record_calls(events)
+    record_module_loads(loads)
+    t0 = time.perf_counter()
+    ctx = run(recording, args.output, {"device": args.device, "progress": False}, verbose=False)
+    wall = time.perf_counter() - t0
+    print(f"sort {wall:.2f} s; stages: " + ", ".join(f"{k} {v:.2f}" for k, v in ctx.timings.items()))
+    calls = defaultdict(list)
+    for name, start, end in events:
+        calls[name].append((start - t0, end - t0))
+    print(f"  {'call':<30} {'calls':>5} {'summed s':>9} {'first start':>12} {'last end':>9}")
+    for name, spans in sorted(calls.items(), key=lambda item: min(s for s, _ in item[1])):
+        print(f"  {name:<30} {len(spans):5d} {sum(e - s for s, e in spans):9.3f} {min(s for s, _ in spans):12.3f} "
+              f"{max(e for _, e in spans):9.3f}")
+    for name in CHUNKS:
+        ms = 1e3 * np.array([e - s for s, e in sorted(calls.get(name, []))])
+        if len(ms):
+            print(f"  {name} (ms, in start order): first {np.round(ms[:5], 1).tolist()}, median {np.median(ms):.1f}")
+    if loads:
+        print(f"  CuPy module loads: {len(loads)}, {sum(loads):.3f} s in all, slowest "
+              f"{np.round(sorted(loads)[-3:], 3).tolist()} s")
+
+
+if __name__ == "__main__":
+    main()
