@@ -213,8 +213,6 @@ def child(args):
     from si_ks2py.demo import score, summary
 
     recording = sc.load(args.recording)
-    if args.seconds:
-        recording = recording.frame_slice(0, int(args.seconds * recording.sampling_frequency))
     folder = Path(args.folder)
     shutil.rmtree(folder, ignore_errors=True)
     sort = sort_ks2py if args.child == "ks2py" else sort_kilosort4
@@ -228,15 +226,15 @@ def child(args):
     duration = recording.get_num_samples() / recording.sampling_frequency
     result.update(wall_s=wall, duration_s=duration, x_realtime=duration / wall,
                   host_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if not args.seconds:
+    if not args.unscored:
         result.update(summary(score(sc.load(args.gt), read_sorted(args.child, folder))))
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(sorter: str, recording: Path, gt: Path, folder: Path, seconds: float = 0.0,
+def run_child(sorter: str, recording: Path, gt: Path, folder: Path, scored: bool = True,
               profile: Path | None = None) -> dict:
     command = [sys.executable, __file__, "--child", sorter, "--recording", str(recording), "--gt", str(gt),
-               "--folder", str(folder), "--seconds", str(seconds)]
+               "--folder", str(folder)] + ([] if scored else ["--unscored"])
     if profile is not None:
         command += ["--profile", str(profile)]
     os.sync()  # the sort before wrote ~7 GB (whitened file, Phy folder): its writeback must not overlap this one
@@ -285,7 +283,7 @@ def main(argv=None):
     parser.add_argument("--recording", help=argparse.SUPPRESS)
     parser.add_argument("--gt", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
-    parser.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--unscored", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
@@ -297,7 +295,7 @@ def main(argv=None):
     os.environ.setdefault("MPLCONFIGDIR", str((work / "mplconfig").absolute()))
     folders = generate_sets(args, work)
     if args.warmup and "ks2py" in args.sorters:
-        r = run_child("ks2py", folders[args.sets[0]], folders["gt"], work / "sort_warmup")
+        r = run_child("ks2py", folders[args.sets[0]], folders["gt"], work / "sort_warmup", scored=False)
         if not r.get("failed"):
             print(f"ks2py first run (kernel compilation) on {args.sets[0]}: {r['wall_s']:.1f} s", flush=True)
         shutil.rmtree(work / "sort_warmup", ignore_errors=True)  # the disk holds both sets and every sort's folder
