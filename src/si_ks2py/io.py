@@ -26,8 +26,6 @@ import numpy as np
 
 from .checks import check_finite
 
-READ_WORKERS = 4  # threads reading ahead: one thread copies ~7 GB/s from the page cache, four ~19 GB/s
-
 
 def binary_source(recording):
     """(path, dtype name, offset) of the recording's own file (time rows, every channel) when it can be read
@@ -106,11 +104,6 @@ class RecordingReader:
         traces = ops.empty_staged((stop - start, self.recording.get_num_channels()), dtype)
         read_rows(path, traces, offset, self.t_start + start)
         return self.checked(traces, start)
-
-    def prefetch(self, ops, items, read_range=lambda item: item):
-        """Yield (item, traces of ``read_range(item)`` staged for the device) in order, read ahead by
-        READ_WORKERS background threads."""
-        return prefetch(lambda item: self.read_staged(ops, *read_range(item)), items, READ_WORKERS)
 
     def to_device(self, ops, traces):
         """Traces from ``read`` on the device, selected channels only: [n, len(channel_indices)]."""

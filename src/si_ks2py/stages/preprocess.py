@@ -163,26 +163,33 @@ def whitening_local(cc: np.ndarray, xc: np.ndarray, yc: np.ndarray, n_range: int
     return wrot
 
 
+def chunk_covariance(ops, reader: RecordingReader, params, coefficients, window) -> tuple[np.ndarray, int]:
+    """One chunk of get_whitening_matrix: (x' x of its own samples, filtered with their context, [Nchan, Nchan]
+    float64 on the host; their count)."""
+    read, out = window
+    x = filter_traces(ops, reader.to_device(ops, reader.read_staged(ops, *read)), params, coefficients)
+    x = x[out[0] - read[0]:out[1] - read[0]].astype(ops.xp.float64)
+    return ops.to_host(x.T @ x), x.shape[0]
+
+
 def get_whitening_matrix(ops, reader: RecordingReader, xc, yc, params) -> np.ndarray:
     """get_whitening_matrix.m: Wrot [Nchan, Nchan] float64, times scaleproc.
 
     The covariance comes from every nSkipCov-th chunk, each filtered with its context and cropped to its own
-    samples; it is accumulated in float64 and divided by the number of samples used (Kilosort 2.0 divided by
-    ceil((Nbatch-1)/nSkipCov), which mis-scales it and is zero for one batch).
+    samples (GPU_WORKERS chunks side by side); it is summed in float64 in chunk order and divided by the number
+    of samples used (Kilosort 2.0 divided by ceil((Nbatch-1)/nSkipCov), which mis-scales it and is zero for one
+    batch).
     """
-    xp = ops.xp
-    coefficients = filter_coefficients(params)
     n_chan = len(reader.channel_ids)
-    cc = xp.zeros((n_chan, n_chan), dtype=xp.float64)
-    n_used = 0
+    chunk = functools.partial(chunk_covariance, ops, reader, params, filter_coefficients(params))
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples)
                for k in range(0, params.Nbatch, params.nSkipCov)]
-    for (read, out), traces in reader.prefetch(ops, windows, read_range=lambda w: w[0]):
-        x = filter_traces(ops, reader.to_device(ops, traces), params, coefficients)
-        x = x[out[0] - read[0]:out[1] - read[0]].astype(xp.float64)
-        cc += x.T @ x
-        n_used += x.shape[0]
-    cc = ops.to_host(cc) / n_used
+    cc = np.zeros((n_chan, n_chan))
+    n_used = 0
+    for _, (cc_chunk, n_chunk) in prefetch(on_own_streams(ops, chunk), windows, GPU_WORKERS):
+        cc += cc_chunk
+        n_used += n_chunk
+    cc /= n_used
     if params.whiteningRange < n_chan:
         wrot = whitening_local(cc, xc, yc, params.whiteningRange)
     else:
