@@ -131,8 +131,8 @@ class GpuMemorySampler:
 
 class PoolPeaks:
     """Peak bytes held by CuPy's memory pool in each stage of a ks2py sort, as {stage: MiB}: the pool keeps every
-    block it allocated until it is released (after each stage, and between the split's groups), so its size then
-    is the peak (empty without CuPy)."""
+    block it allocated until it is released (after each stage, between preprocessing's passes and between the
+    split's groups), so its largest size then is the peak (empty without CuPy)."""
 
     def __enter__(self):
         self.peaks = {}

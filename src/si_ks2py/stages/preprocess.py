@@ -251,6 +251,9 @@ def run(ctx):
         igood = np.ones(len(probe.chanMap), dtype=bool)
     else:
         igood = get_good_channels(ops, reader, params)
+        # each pass's worker threads have streams of their own, and CuPy's pool keeps freed blocks per stream:
+        # released after each pass, the passes' blocks do not add up
+        ops.release_memory()
     if not igood.any():
         raise ValueError(
             f"no channel has threshold crossings at {params.minfr_goodchannels} Hz or more (detect_threshold="
@@ -265,6 +268,7 @@ def run(ctx):
         wrot = np.eye(len(chan_map))
     else:
         wrot = get_whitening_matrix(ops, reader, xc, yc, params)
+        ops.release_memory()
     if whitened is not None:
         # later stages of this run read the copy in memory; the file (for reruns and Phy) is written meanwhile
         def keep(block, out):
