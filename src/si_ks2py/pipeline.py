@@ -22,7 +22,7 @@ from . import params as params_module
 from .backend import get_ops
 from .checks import check_recording_values
 from .context import Context, Intermediate, fingerprint
-from .export import draw_batch_figure, run_export
+from .export import queue_batch_figure, run_export
 from .plots import FigureProcess
 from .probe import probe_from_recording
 
@@ -184,7 +184,7 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
             else:
                 run_stage(ctx, stage)
             if stage == "reorder" and ctx.get("figures") is not None:  # drawn while the later stages run
-                draw_batch_figure(ctx.figures, ir)
+                queue_batch_figure(ctx.figures, ir)
     finally:
         ir.wait_for_files()  # e.g. the whitened file, written while the later stages ran
     return ctx

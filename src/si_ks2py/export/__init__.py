@@ -21,7 +21,7 @@ def tmp_files_to_delete(option) -> tuple[str, ...]:
     return tuple(name for name in option if name == "temp_wh.dat")  # ks2py writes no MATLAB files
 
 
-def draw_batch_figure(figures: FigureProcess, ir):
+def queue_batch_figure(figures: FigureProcess, ir):
     """Queue the batch-similarity figure, which needs only the reorder stage's ``ccb`` and ``iorig``."""
     figures.draw("batch_similarity", ccb=np.asarray(ir.ccb), iorig=np.asarray(ir.iorig))
 
@@ -51,7 +51,7 @@ def run_export(ctx):
         figures = ctx.get("figures")
         if params["fig"] and figures is None:  # no process started with the sort (which drew the batch figure)
             figures = stack.enter_context(FigureProcess(ctx.output_folder))
-            draw_batch_figure(figures, ir)
+            queue_batch_figure(figures, ir)
         t = time.perf_counter()
         write_phy(ctx, figures)
         ctx.timings["export"] = time.perf_counter() - t
