@@ -177,10 +177,9 @@ def large_host_array(shape, dtype) -> np.ndarray:
     with contextlib.suppress(OSError, AttributeError):
         madvise = ctypes.CDLL(None, use_errno=True).madvise  # a ctypes call releases the GIL
         madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        # slices of whole huge pages (the mapping starts on a page boundary)
+        # slices of whole huge pages (the mapping starts on a page boundary), the last one up to the end
         bounds = [min(nbytes, -(-nbytes * i // POPULATE_WORKERS // HUGE_PAGE) * HUGE_PAGE)
                   for i in range(POPULATE_WORKERS + 1)]
-        bounds[-1] = nbytes
         for start, stop in itertools.pairwise(bounds):
             if stop > start:
                 threading.Thread(target=madvise, args=(address + start, stop - start, MADV_POPULATE_WRITE),
