@@ -6,6 +6,9 @@ twins, on machines without a GPU; the parity tests marked gpu run the compiled k
 - Prototype scores: the twin sums each channel's nearest channels by a matrix product, the kernel in ascending
   channel order; the scores agree to 1e-5 of their scale and every window start has the same best channel.
 - neighbourhood_gram and align_templates (given the twin's own eigenvectors): float64, to 1e-10.
+- Template projections (pursuit.cu): a float32 sum over each chunk's channel window against a float64 direct sum,
+  to 1e-5 of the largest projection, and the NumPy twin's (a float32 FFT) to 1e-4; every chunk's window is the
+  range of channels where its templates' U is non-zero.
 """
 
 import shutil
@@ -17,6 +20,7 @@ import numpy as np
 import pytest
 
 from si_ks2py import templates as tm
+from si_ks2py.cpu import ops as cpu
 from test_ops_parity import NT0, NT0MIN, probe_iC, synthetic_templates
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the host emulation")
@@ -101,3 +105,40 @@ def test_template_factorisation_kernels_match_the_numpy_twin(tmp_path, kind):
                   Kb=Kb, rank=3, nt0min=NT0MIN)
     for name, want in zip(("W", "U", "mu"), expected):
         np.testing.assert_allclose(got[name], want, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def direct_projections(data, W, U):
+    """[n, K] float64: <W_k U_k', data[t:t+nt0]> for window starts t <= n - nt0, 0 beyond."""
+    n, (K, nt0, _) = len(data), W.shape
+    templates = tm.dense_templates(W.astype(np.float64), U.astype(np.float64))  # [K, nt0, C]
+    B = np.zeros((n, K))
+    for t in range(n - nt0 + 1):
+        B[t] = np.einsum("kic,ic->k", templates, data[t:t + nt0].astype(np.float64))
+    return B
+
+
+@pytest.mark.parametrize("case, tile", [("sorted", 64), ("unsorted", 16), ("long", 64), ("silent chunk", 32)])
+def test_template_projections_match_a_direct_sum(tmp_path, case, tile):
+    rng = np.random.default_rng(len(case))
+    n_chan, K = {"sorted": (96, 70), "unsorted": (40, 33), "long": (48, 20), "silent chunk": (64, 40)}[case]
+    W, U, mu, iC, iW = synthetic_templates(n_chan, K, rng)
+    if case == "sorted":  # as the stages hold them: by peak channel, so each chunk spans a short window
+        order = np.argsort(iW, kind="stable")
+        W, U = W[order], U[order]
+    elif case == "unsorted":  # U on every channel: the window is the whole probe, two slabs, the second partial
+        U = rng.normal(size=U.shape).astype(np.float32)
+    elif case == "long":  # nt0 = 81: tile + nt0 - 1 rows, more than one thread's group of rows
+        W = rng.normal(size=(K, 81, 3)).astype(np.float32)
+    else:  # the second chunk of 32 templates has no spatial factors at all
+        U[32:] = 0
+    data = rng.normal(size=(150, n_chan)).astype(np.float32)
+    out = emulate(tmp_path, "template_projections", data=data, W=W, U=U, tile=tile)
+    expected = direct_projections(data, W, U)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out["B"], expected, atol=1e-5 * scale)
+    np.testing.assert_allclose(out["B"], cpu._template_projections(data, W, U)[:len(data), :K], atol=1e-4 * scale)
+    for j, (lo, hi) in enumerate(out["window"].reshape(-1, 2)):
+        used = np.flatnonzero(U[32 * j:32 * (j + 1)].any(axis=(0, 2)))
+        assert (lo, hi) == ((used[0], used[-1]) if len(used) else (n_chan, -1))
+    if case == "sorted":
+        assert (out["window"][1::2] - out["window"][::2]).max() < n_chan / 2

@@ -24,6 +24,8 @@ placed at known times, with the W/U/mu shapes of the stages and neighbours/xcorr
 - svd_templates (float64, the GPU's Gram matrices over the neighbourhood only and its eigenvectors from
   cuSOLVER): the first factor of W, mu and the rank-3 templates W U' to 1e-9 (the other factors' signs are
   arbitrary).
+- Template projections (match_pursuit's first step): the NumPy twin correlates by float32 FFT, the GPU sums
+  directly over each chunk's channel window: atol DENSE_ATOL of the largest projection.
 - neighbor_xcorr: the NumPy twin correlates by float64 FFT, the GPU by a direct float64 sum: atol 1e-5 of
   the largest correlation.
 - row_median is exact (it sorts the same float32 values).
@@ -169,6 +171,21 @@ def test_neighbor_xcorr(gpu, K):
     assert (got[neighbors == K] == 0).all()
 
 
+@pytest.mark.parametrize("order", ["by peak channel", "unsorted"])
+def test_template_projections(gpu, order):
+    rng = np.random.default_rng(11)
+    W, U, mu, iC, iW = synthetic_templates(384, 400, rng)
+    if order == "by peak channel":  # as the stages hold them: each chunk of templates spans a short window
+        by_channel = np.argsort(iW, kind="stable")
+        W, U = W[by_channel], U[by_channel]
+    data = rng.normal(size=(BATCH, 384)).astype(np.float32)
+    expected = cpu._template_projections(data, W, U)[:BATCH, :len(W)]
+    got = gpu.to_host(gpu._template_projections(gpu.asarray(data), gpu.asarray(W), gpu.asarray(U)))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=DENSE_ATOL * np.abs(expected).max())
+    assert_bitwise_equal([got], [gpu.to_host(gpu._template_projections(gpu.asarray(data), gpu.asarray(W),
+                                                                       gpu.asarray(U)))])
+
+
 def multiset_mismatch(a_t, a_k, b_t, b_k):
     """(number of pairs in one list only, total pairs of the larger list)."""
     a = Counter(zip(np.asarray(a_t).tolist(), np.asarray(a_k).tolist()))
@@ -285,7 +302,7 @@ def test_prototype_spikes(gpu, kind, spacing):
 
 PURSUIT_CASES = {
     # name: (Nchan, K, spikes placed, mu range, lam, threshold, noise only)
-    "recording": (96, 384, 2500, (8.0, 25.0), 10.0, 6.0, False),  # K above one chunk of spatial projections
+    "recording": (96, 384, 2500, (8.0, 25.0), 10.0, 6.0, False),  # a dozen chunks of 32 templates
     "recording-extract": (32, 64, 1200, (8.0, 25.0), 10.0, 4.0, False),
     "noise-no-prior": (32, 48, 0, (8.0, 25.0), 0.0, 3.0, True),
     "noise-prior": (32, 48, 0, (1.0, 3.0), 10.0, 3.0, True),

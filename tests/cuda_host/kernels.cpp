@@ -1,4 +1,5 @@
-// Runs the kernels of detect.cu and templates.cu (included by the build as kernel.cu) on the host, launched as
+// Runs the kernels of detect.cu, templates.cu and pursuit.cu's template projections (included by the build as
+// kernel.cu) on the host, launched as
 // gpu/ops.py launches them (launch.h: one process per block, one thread per CUDA thread).
 #include "launch.h"
 #include "kernel.cu"
@@ -31,5 +32,14 @@ extern "C" int run_align_templates(const double* vectors, const double* dWU, con
                                    int nt0, int C, int n_near, int R, int nup, int nt0min) {
     return emu_launch({(unsigned)K, 1, 1}, {128, 1, 1}, [=]() {
         align_templates(vectors, dWU, iC, iW, Ka, Kb, W, U, mu, nt0, C, n_near, R, nup, nt0min);
+    });
+}
+
+extern "C" int run_template_projections(const float* data, const float* U, const float* Wt, int* window, float* B,
+                                        int n, int C, int K, int nt0, int R, int tile) {
+    const unsigned chunks = (unsigned)((K + PJ_TEMPLATES - 1) / PJ_TEMPLATES);
+    const int failed = emu_launch({chunks, 1, 1}, {256, 1, 1}, [=]() { projection_windows(U, window, K, C, R); });
+    return failed + emu_launch({(unsigned)((n + tile - 1) / tile), chunks, 1}, {32, 8, 1}, [=]() {
+        template_projections(data, U, Wt, window, B, n, C, K, nt0, R, tile);
     });
 }

@@ -1,4 +1,4 @@
-"""Run the kernels of detect.cu and templates.cu on the host (prelude.h, launch.h, kernels.cpp) for tests on
+"""Run the kernels of detect.cu, templates.cu and pursuit.cu's template projections on the host (prelude.h, launch.h, kernels.cpp) for tests on
 machines without a GPU:
 
     python run_kernels.py KERNEL INPUTS.npz OUTPUTS.npz
@@ -6,7 +6,8 @@ machines without a GPU:
 KERNEL is correlate_valid (inputs x [n, C], filters [nt0, F] float32; output out [n, C, F]), prototype_scores
 (filtered [n, C, R] float32, iC [C, n_near] int64, n_sum, nt0, tile, threads; outputs err [n], channel [n]),
 neighbourhood_gram (dWU [K, nt0, C] float64, iC, iW [K] int64; output gram [K, nt0, nt0]) or align_templates
-(vectors [K, nt0, nt0], dWU, iC, iW, Ka [nup, nt0], Kb [nup, nt0, nt0] float64, rank, nt0min; outputs W, U, mu).
+(vectors [K, nt0, nt0], dWU, iC, iW, Ka [nup, nt0], Kb [nup, nt0, nt0] float64, rank, nt0min; outputs W, U, mu)
+or template_projections (data [n, C], W [K, nt0, R], U [K, C, R] float32, tile; outputs B [n, K], window).
 It runs in a process of its own: forking a process that holds thread pools (scipy's FFT workers) can deadlock in
 their fork handlers.
 """
@@ -18,6 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from emulation import GPU_SOURCES, build, pointer, shared
+
+# the part of pursuit.cu with the template projections
+PROJECTIONS = ("#define PJ_TEMPLATES", "// Cost of row t, computed by one warp")
 
 
 def run(library, kernel: str, given: dict) -> dict:
@@ -52,6 +56,14 @@ def run(library, kernel: str, given: dict) -> dict:
             pointer(a["Kb"]), pointer(W), pointer(U), pointer(mu), K, nt0, C, a["iC"].shape[1], R,
             a["Ka"].shape[0], int(given["nt0min"]))
         result = {"W": W, "U": U, "mu": mu}
+    elif kernel == "template_projections":
+        (n, C), (K, nt0, R) = a["data"].shape, a["W"].shape
+        Wt = shared(a["W"].transpose(1, 2, 0), keep)
+        window = shared(np.zeros(2 * (-(-K // 32)), np.int32), keep)
+        B = shared(np.zeros((n, K), np.float32), keep)
+        failed = library.run_template_projections(pointer(a["data"]), pointer(a["U"]), pointer(Wt), pointer(window),
+                                                  pointer(B), n, C, K, nt0, R, int(given["tile"]))
+        result = {"B": B, "window": window}
     else:
         raise ValueError(f"no emulation of {kernel}")
     if failed:
@@ -61,6 +73,8 @@ def run(library, kernel: str, given: dict) -> dict:
 
 def main(kernel: str, inputs: str, outputs: str):
     source = "\n".join((GPU_SOURCES / name).read_text() for name in ("detect.cu", "templates.cu"))
+    pursuit = (GPU_SOURCES / "pursuit.cu").read_text()
+    source += "\n" + pursuit[pursuit.index(PROJECTIONS[0]):pursuit.index(PROJECTIONS[1])]
     with tempfile.TemporaryDirectory() as folder:
         library = build(Path(folder), source, "kernels.cpp", "kernels")
         np.savez(outputs, **run(library, kernel, dict(np.load(inputs))))

@@ -5,9 +5,8 @@ are compiled once per process with cupy.RawModule (CuPy also caches the binaries
 through cuBLAS (``@``).
 
 Memory depends on the batch size n, the channel count C and the template count K only: the largest buffers are
-the projections B [n, K] float32 of match_pursuit, its dense templates [K, nt0, C] float32, correlate_valid's
-[n, C, F] output, and the spatial projections [n, Kc * Nrank] of one chunk of Kc templates (at most
-_PROJECTION_CHUNK_BYTES). Every op is deterministic: no float atomics, sums in a fixed order.
+the projections B [n, K] float32 of match_pursuit, its dense templates [K, nt0, C] float32 and correlate_valid's
+[n, C, F] output. Every op is deterministic: no float atomics, sums in a fixed order.
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ def _blocks(n: int, threads: int) -> tuple[int]:
 
 
 _DEFAULT_SHARED_BYTES = 48 * 1024
-_PROJECTION_CHUNK_BYTES = 2 ** 28  # spatial projections of one chunk of templates in match_pursuit
 _CV_TT = 64  # window starts per block of correlate_valid (CV_TT in detect.cu)
 _PS_MAXSUM, _PS_TILE = 8, 4  # PS_MAXSUM, PS_TILE in detect.cu
 _PS_SHARED_BYTES = 64 * 1024  # staged rows of one prototype_scores block (a tile of window starts)
@@ -339,24 +337,33 @@ def _dense_templates(W, U):
     return T
 
 
+_PJ_TEMPLATES, _PJ_SLAB, _PJ_MAX_RANK, _PJ_MAX_TILE = 32, 32, 4, 64  # PJ_* in pursuit.cu
+
+
 def _template_projections(data, W, U):
-    """B [n, K] float32: <T_k, data[t:t+nt0]> for t <= n - nt0, 0 beyond. Spatial projections by cuBLAS, one chunk
-    of templates at a time (at most _PROJECTION_CHUNK_BYTES), then the temporal sum by template_projections."""
+    """B [n, K] float32: <T_k, data[t:t+nt0]> for t <= n - nt0, 0 beyond. One kernel sums the spatial projections
+    of each chunk of 32 templates over the channels where their U is non-zero (a short window when templates are
+    sorted by peak channel: a fifth of the channels on Neuropixels 1.0), keeps them in shared memory and sums them
+    in time there."""
     n, C = data.shape
     K, nt0, R = W.shape
+    if R > _PJ_MAX_RANK:
+        raise ValueError(f"template projections take templates of rank <= {_PJ_MAX_RANK}, got {R}")
     B = cp.empty((n, K), dtype=cp.float32)
+    chunks = (K + _PJ_TEMPLATES - 1) // _PJ_TEMPLATES
+    window = cp.empty(2 * chunks, dtype=cp.int32)
+    _launch("pursuit", "projection_windows", (chunks,), (256,), (U, window, _i32(K), _i32(C), _i32(R)))
     Wt = cp.ascontiguousarray(W.transpose(1, 2, 0))  # [nt0, R, K]
-    chunk = max(32, _PROJECTION_CHUNK_BYTES // (4 * R * max(n, 1)) // 32 * 32)
-    tile = 32
-    while tile > 8 and 4 * (tile + nt0 - 1) * 32 * R > _DEFAULT_SHARED_BYTES:
+
+    def shared_bytes(tile):
+        rows = tile + nt0 - 1
+        return 4 * (rows * (_PJ_TEMPLATES * R + _PJ_SLAB) + _PJ_TEMPLATES * (_PJ_SLAB * R + 1))
+
+    tile = _PJ_MAX_TILE
+    while tile > 8 and shared_bytes(tile) > _MAX_SHARED_BYTES:
         tile -= 8
-    shared = 4 * (tile + nt0 - 1) * 32 * R
-    for a in range(0, K, chunk):  # chunks of templates, not a loop per template
-        b = min(K, a + chunk)
-        spatial = cp.ascontiguousarray(data @ U[a:b].transpose(1, 0, 2).reshape(C, (b - a) * R))  # [n, Kc * R]
-        _launch("pursuit", "template_projections", ((n + tile - 1) // tile, (b - a + 31) // 32), (32, 8),
-                (spatial, Wt, B, _i32(n), _i32(K), _i32(a), _i32(b - a), _i32(nt0), _i32(R), _i32(tile)), shared)
-        del spatial
+    _launch("pursuit", "template_projections", ((n + tile - 1) // tile, chunks), (32, 8),
+            (data, U, Wt, window, B, _i32(n), _i32(C), _i32(K), _i32(nt0), _i32(R), _i32(tile)), shared_bytes(tile))
     return B
 
 

@@ -24,43 +24,125 @@ extern "C" __global__ void dense_templates(const float* __restrict__ W, const fl
     T[e] = template_value(W, U, k, i, c, nt0, C, R);
 }
 
-// B[t, k0 + k] = sum_i sum_r Wt[i, r, k0 + k] * spatial[t + i, k * R + r] for t <= n - nt0, 0 beyond, where
-// spatial [n, Kc * R] holds the batch projected on the spatial factors of templates k0 .. k0 + Kc - 1 and
-// Wt [nt0, R, K] the temporal factors. Grid (ceil(n / tile), ceil(Kc / 32)), block (32, 8): 32 templates x 8 row
-// lanes; each thread sums tile / 8 (<= 4) window starts. The tile's spatial rows are staged in dynamic shared
-// memory: (tile + nt0 - 1) * 32 * R floats.
-extern "C" __global__ void template_projections(const float* __restrict__ spatial, const float* __restrict__ Wt,
-                                                float* __restrict__ B, const int n, const int K, const int k0,
-                                                const int Kc, const int nt0, const int R, const int tile)
+#define PJ_TEMPLATES 32  // templates of a chunk (one per lane)
+#define PJ_SLAB 32       // channels of the batch staged at a time
+#define PJ_ROWS 16       // rows of spatial projections a thread sums at a time
+#define PJ_MAX_RANK 4
+#define PJ_MAX_STARTS 8  // window starts a thread sums in the temporal phase (tile <= 8 * PJ_MAX_STARTS)
+
+// Channel window of each chunk of PJ_TEMPLATES templates: window[2j] and window[2j + 1] are the first and the last
+// channel where a template of chunk j has a non-zero spatial factor (C and -1 for a chunk without any). Templates
+// sorted by peak channel have factors on their neighbourhoods only, so a chunk's window is a few tens of channels.
+// Grid (ceil(K / PJ_TEMPLATES)), block 256.
+extern "C" __global__ void projection_windows(const float* __restrict__ U, int* __restrict__ window, const int K,
+                                              const int C, const int R)
 {
-    extern __shared__ float sp[];
-    const int lane = threadIdx.x, row = threadIdx.y;
-    const int width = 32 * R;
-    const int t0 = blockIdx.x * tile;
-    const int col0 = blockIdx.y * width;
-    const int cols = Kc * R;
-    for (int r = row; r < tile + nt0 - 1; r += 8) {
-        const int t = t0 + r;
-        for (int q = lane; q < width; q += 32)
-            sp[r * width + q] = (t < n && col0 + q < cols) ? spatial[(size_t)t * cols + col0 + q] : 0.0f;
+    __shared__ int lo_part[32], hi_part[32];
+    const int k0 = blockIdx.x * PJ_TEMPLATES;
+    const long long count = (long long)min(PJ_TEMPLATES, K - k0) * C * R;
+    const float* u = U + (size_t)k0 * C * R;
+    int lo = C, hi = -1;
+    for (long long e = threadIdx.x; e < count; e += blockDim.x)
+        if (u[e] != 0.0f) {
+            const int c = (int)((e / R) % C);
+            lo = min(lo, c);
+            hi = max(hi, c);
+        }
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = min(lo, __shfl_down_sync(0xffffffffu, lo, o));
+        hi = max(hi, __shfl_down_sync(0xffffffffu, hi, o));
+    }
+    if ((threadIdx.x & 31) == 0) {
+        lo_part[threadIdx.x >> 5] = lo;
+        hi_part[threadIdx.x >> 5] = hi;
     }
     __syncthreads();
-    const int kl = blockIdx.y * 32 + lane;
-    if (kl >= Kc) return;
-    const int k = k0 + kl;
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
+            lo = min(lo, lo_part[w]);
+            hi = max(hi, hi_part[w]);
+        }
+        window[2 * blockIdx.x] = lo;
+        window[2 * blockIdx.x + 1] = hi;
+    }
+}
+
+// B[t, k] = <T_k, data[t:t+nt0]> = sum_i sum_r Wt[i, r, k] * P[t + i, k, r], where P[s, k, r] = sum_c data[s, c]
+// U[k, c, r] (the spatial projections), for window starts t <= n - nt0, 0 beyond. Wt [nt0, R, K] holds the
+// temporal factors. Grid (ceil(n / tile), ceil(K / PJ_TEMPLATES)), block (32, 8): a lane per template of the chunk,
+// 8 row lanes. A block first sums P for the tile's tile + nt0 - 1 rows over its chunk's channel window only (from
+// projection_windows), PJ_SLAB channels of the batch and of U staged at a time, channels ascending, and keeps P in
+// shared memory; the temporal sum then reads it there (each thread tile / 8 window starts).
+// Dynamic shared memory: rows * (32 R + PJ_SLAB) + 32 * (PJ_SLAB R + 1) floats, rows = tile + nt0 - 1.
+extern "C" __global__ void __launch_bounds__(256, 2) template_projections(
+    const float* __restrict__ data, const float* __restrict__ U, const float* __restrict__ Wt,
+    const int* __restrict__ window, float* __restrict__ B, const int n, const int C, const int K, const int nt0,
+    const int R, const int tile)
+{
+    extern __shared__ float staged[];
+    const int rows = tile + nt0 - 1, width = PJ_TEMPLATES * R, ustride = PJ_SLAB * R + 1;
+    float* P = staged;                           // [rows, 32 R]
+    float* slab = P + rows * width;              // [rows, PJ_SLAB] channels c0 .. c0 + PJ_SLAB - 1 of the batch
+    float* factors = slab + rows * PJ_SLAB;      // [32, ustride]: U of the chunk on those channels
+    const int lane = threadIdx.x, row = threadIdx.y, tid = row * 32 + lane;
+    const int t0 = blockIdx.x * tile, k0 = blockIdx.y * PJ_TEMPLATES;
+    const int kc = min(PJ_TEMPLATES, K - k0);
+    const int lo = window[2 * blockIdx.y], hi = window[2 * blockIdx.y + 1];
+    for (int g = 0; g < rows; g += 8 * PJ_ROWS) {
+        float acc[PJ_ROWS][PJ_MAX_RANK];
+#pragma unroll
+        for (int q = 0; q < PJ_ROWS; q++)
+#pragma unroll
+            for (int r = 0; r < PJ_MAX_RANK; r++) acc[q][r] = 0.0f;
+        for (int c0 = lo; c0 <= hi; c0 += PJ_SLAB) {
+            __syncthreads();
+            for (int e = tid; e < rows * PJ_SLAB; e += 256) {
+                const int s = e / PJ_SLAB, c = c0 + e % PJ_SLAB;
+                slab[e] = (t0 + s < n && c <= hi) ? data[(size_t)(t0 + s) * C + c] : 0.0f;
+            }
+            for (int e = tid; e < PJ_TEMPLATES * PJ_SLAB * R; e += 256) {
+                const int kl = e / (PJ_SLAB * R), q = e % (PJ_SLAB * R), c = c0 + q / R;
+                factors[kl * ustride + q] = (kl < kc && c <= hi) ? U[((size_t)(k0 + kl) * C + c) * R + q % R] : 0.0f;
+            }
+            __syncthreads();
+            for (int j = 0; j < PJ_SLAB; j++) {
+                float u[PJ_MAX_RANK];
+#pragma unroll
+                for (int r = 0; r < PJ_MAX_RANK; r++) u[r] = r < R ? factors[lane * ustride + j * R + r] : 0.0f;
+#pragma unroll
+                for (int q = 0; q < PJ_ROWS; q++) {
+                    const int s = g + row + 8 * q;
+                    const float d = s < rows ? slab[s * PJ_SLAB + j] : 0.0f;
+#pragma unroll
+                    for (int r = 0; r < PJ_MAX_RANK; r++) acc[q][r] = fmaf(d, u[r], acc[q][r]);
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < PJ_ROWS; q++) {
+            const int s = g + row + 8 * q;
+            if (s < rows)
+                for (int r = 0; r < R; r++) P[s * width + lane * R + r] = acc[q][r];
+        }
+    }
+    __syncthreads();
+    if (lane >= kc) return;
+    const int k = k0 + lane;
     const int per = tile / 8;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float acc[PJ_MAX_STARTS];
+#pragma unroll
+    for (int q = 0; q < PJ_MAX_STARTS; q++) acc[q] = 0.0f;
     for (int i = 0; i < nt0; i++) {
         for (int r = 0; r < R; r++) {
             const float w = Wt[((size_t)i * R + r) * K + k];
-            const float* s = sp + (row + i) * width + lane * R + r;
+            const float* p = P + (row + i) * width + lane * R + r;
 #pragma unroll
-            for (int q = 0; q < 4; q++)
-                if (q < per) acc[q] = fmaf(w, s[q * 8 * width], acc[q]);
+            for (int q = 0; q < PJ_MAX_STARTS; q++)
+                if (q < per) acc[q] = fmaf(w, p[q * 8 * width], acc[q]);
         }
     }
 #pragma unroll
-    for (int q = 0; q < 4; q++) {
+    for (int q = 0; q < PJ_MAX_STARTS; q++) {
         const int t = t0 + row + 8 * q;
         if (q < per && t < n) B[(size_t)t * K + k] = t <= n - nt0 ? acc[q] : 0.0f;
     }
