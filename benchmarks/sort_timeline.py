@@ -1,6 +1,8 @@
 """One ks2py sort with a timeline of its main calls: when each started and ended (seconds from the start of the
-sort, any thread) and their summed time, the chunk times of preprocessing's passes, and the time CuPy spent
-loading (or compiling) kernel modules. No synchronisation is added, so the sort runs as it would without it.
+sort, any thread), their summed time and the time of the first call, the chunk times of preprocessing's passes,
+and the time CuPy spent loading (or compiling) kernel modules. No synchronisation is added, so the sort runs as it
+would without it: a GPU op's time is the host's time to queue it, except where it waits for results (to_host is
+the host's waits for the GPU, wherever they happen).
 
     python benchmarks/sort_timeline.py RECORDING_FOLDER OUTPUT_FOLDER
 
@@ -23,9 +25,18 @@ TIMED = {
     "si_ks2py.pipeline": ("build_context", "import_code", "recording_fingerprint", "check_recording_values",
                           "get_ops", "run_stage", "run_export"),
     "si_ks2py.stages.preprocess": ("get_good_channels", "chunk_crossings", "get_whitening_matrix",
-                                   "write_whitened", "whiten_chunk"),
+                                   "chunk_covariance", "write_whitened", "whiten_chunk", "filter_traces",
+                                   "column_sums"),
+    "si_ks2py.stages.reorder": ("extract_pc_from_snippets", "cluster_batches", "batch_distances", "sort_batches"),
+    "si_ks2py.stages.learn": ("extract_templates_from_snippets", "seed_templates", "sort_by_channel",
+                              "match_and_update"),
+    "si_ks2py.stages.split": ("split_all_clusters",),
+    "si_ks2py.templates": ("triage", "similarity"),
     "si_ks2py.export.phy": ("write_small_files", "save_rows"),
 }
+#: ops of the op table (timed where the GPU's is used)
+TIMED_OPS = ("to_host", "filtfilt_zero_state", "row_median", "pc_threshold_spikes", "prototype_spikes",
+             "svd_templates", "neighbor_xcorr", "match_pursuit", "accumulate_templates", "pc_features")
 CHUNKS = ("chunk_crossings", "whiten_chunk")
 
 
@@ -33,7 +44,7 @@ def record_calls(events: list):
     """Wrap the TIMED functions (and the figure process's start and wait) to append (name, start, end)."""
     import importlib
 
-    from si_ks2py import context, plots
+    from si_ks2py import context, io, plots
 
     def wrap(owner, name, label=None):
         function = getattr(owner, name)
@@ -52,6 +63,14 @@ def record_calls(events: list):
         module = importlib.import_module(module_name)
         for name in names:
             wrap(module, name)
+    try:
+        from si_ks2py.gpu import ops
+    except ImportError:  # no CuPy: a CPU sort
+        ops = None
+    for name in TIMED_OPS if ops is not None else ():
+        wrap(ops, name, f"ops.{name}")
+    wrap(io.RecordingReader, "read_staged", "RecordingReader.read_staged")
+    wrap(io.RecordingReader, "to_device", "RecordingReader.to_device")
     wrap(context.Intermediate, "wait_for_files", "wait for the whitened file")
     wrap(plots.FigureProcess, "__init__", "figure processes start")
     wrap(plots.FigureProcess, "close", "figure processes wait")
@@ -98,10 +117,11 @@ def main(argv=None):
     calls = defaultdict(list)
     for name, start, end in events:
         calls[name].append((start - t0, end - t0))
-    print(f"  {'call':<30} {'calls':>5} {'summed s':>9} {'first start':>12} {'last end':>9}")
+    print(f"  {'call':<32} {'calls':>5} {'summed s':>9} {'first s':>8} {'first start':>12} {'last end':>9}")
     for name, spans in sorted(calls.items(), key=lambda item: min(s for s, _ in item[1])):
-        print(f"  {name:<30} {len(spans):5d} {sum(e - s for s, e in spans):9.3f} {min(s for s, _ in spans):12.3f} "
-              f"{max(e for _, e in spans):9.3f}")
+        first = min(spans)
+        print(f"  {name:<32} {len(spans):5d} {sum(e - s for s, e in spans):9.3f} {first[1] - first[0]:8.3f} "
+              f"{first[0]:12.3f} {max(e for _, e in spans):9.3f}")
     for name in CHUNKS:
         ms = 1e3 * np.array([e - s for s, e in sorted(calls.get(name, []))])
         if len(ms):
