@@ -132,36 +132,37 @@ class GpuMemorySampler:
 class PoolPeaks:
     """Peak bytes held by CuPy's memory pool in each stage of a ks2py sort, as {stage: MiB}: the pool keeps every
     block it allocated until it is released (after each stage, between preprocessing's passes and between the
-    split's groups), so its largest size then is the peak (empty without CuPy)."""
+    split's groups), so its largest size then is the peak (empty for a CPU sort). The op table's release is
+    wrapped when the first stage starts, so that CuPy is imported where the sort imports it (in its import thread,
+    beside the checks of the recording), not before the sort."""
 
     def __enter__(self):
-        self.peaks = {}
-        try:
-            import cupy
-        except ImportError:
-            return self
-        import si_ks2py.gpu.ops as gpu_ops
         import si_ks2py.pipeline as pipeline
 
-        pool, run_stage, release = cupy.get_default_memory_pool(), pipeline.run_stage, gpu_ops.release_memory
-        stage = []
+        self.peaks = {}
+        run_stage, stage, wrapped = pipeline.run_stage, [], []
 
         def tracked(ctx, name):
+            if not wrapped and ctx.ops.name == "cuda":
+                import cupy
+
+                pool, ops, release = cupy.get_default_memory_pool(), ctx.ops, ctx.ops.release_memory
+
+                def measured_release():
+                    self.peaks[stage[0]] = max(self.peaks.get(stage[0], 0.0), pool.total_bytes() / 2 ** 20)
+                    release()
+
+                ops.release_memory = measured_release
+                wrapped.append(lambda: setattr(ops, "release_memory", release))
             stage[:] = [name]
             return run_stage(ctx, name)
 
-        def measured_release():
-            if stage:
-                self.peaks[stage[0]] = max(self.peaks.get(stage[0], 0.0), pool.total_bytes() / 2 ** 20)
-            release()
-
-        pipeline.run_stage, gpu_ops.release_memory = tracked, measured_release
-        self.restore = lambda: (setattr(pipeline, "run_stage", run_stage), setattr(gpu_ops, "release_memory", release))
+        pipeline.run_stage = tracked
+        self.restore = lambda: [setattr(pipeline, "run_stage", run_stage)] + [undo() for undo in wrapped]
         return self
 
     def __exit__(self, *exc):
-        if hasattr(self, "restore"):
-            self.restore()
+        self.restore()
 
 
 def sort_ks2py(recording, folder: Path) -> dict:

@@ -2,7 +2,8 @@
 sort, any thread), their summed time and the time of the first call, the chunk times of preprocessing's passes,
 and the time CuPy spent loading (or compiling) kernel modules. No synchronisation is added, so the sort runs as it
 would without it: a GPU op's time is the host's time to queue it, except where it waits for results (to_host is
-the host's waits for the GPU, wherever they happen).
+the host's waits for the GPU, wherever they happen). The stage modules whose calls are timed are imported before
+the sort starts (they import no CuPy; the op table, which does, is wrapped when the sort's import thread loads it).
 
     python benchmarks/sort_timeline.py RECORDING_FOLDER OUTPUT_FOLDER
 
@@ -63,12 +64,18 @@ def record_calls(events: list):
         module = importlib.import_module(module_name)
         for name in names:
             wrap(module, name)
-    try:
-        from si_ks2py.gpu import ops
-    except ImportError:  # no CuPy: a CPU sort
-        ops = None
-    for name in TIMED_OPS if ops is not None else ():
-        wrap(ops, name, f"ops.{name}")
+    pipeline = importlib.import_module("si_ks2py.pipeline")
+    get_ops, wrapped = pipeline.get_ops, []
+
+    def get_timed_ops(device):  # the op table's calls wrapped where the sort's import thread loads it
+        ops = get_ops(device)
+        if not wrapped:
+            wrapped.append(ops)
+            for name in TIMED_OPS:
+                wrap(ops, name, f"ops.{name}")
+        return ops
+
+    pipeline.get_ops = get_timed_ops
     wrap(io.RecordingReader, "read_staged", "RecordingReader.read_staged")
     wrap(io.RecordingReader, "to_device", "RecordingReader.to_device")
     wrap(context.Intermediate, "wait_for_files", "wait for the whitened file")

@@ -37,6 +37,8 @@ def resolve_device(device: str) -> str:
 def get_ops(device: str = "auto"):
     if resolve_device(device) == "cuda":
         from .gpu import ops
+
+        ops.start_device()
     else:
         from .cpu import ops
     return ops

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
@@ -132,6 +133,28 @@ def prefetch_to_device(read, items, depth: int = 2):
                     pending.append(pool.submit(upload, index + depth, caller.record()))
     finally:
         caller.synchronize()  # the buffers go back to the memory pool: nothing queued may still read them
+
+
+_SOURCES = ("preprocess", "detect", "pursuit", "templates", "split")
+
+
+@functools.lru_cache(maxsize=None)
+def start_device() -> threading.Thread:
+    """Create the CUDA context, load cuBLAS and load (or compile) the package's kernel modules in a background
+    thread, once per process: started with the sort's imports, this runs while the recording is checked instead of
+    delaying the first chunk of preprocessing (by about 0.2 s on an H200)."""
+    def start():
+        try:
+            cp.cuda.runtime.free(0)  # the first runtime call creates the context
+            cp.cuda.device.get_cublas_handle()
+            for file in _SOURCES:
+                _module(file).compile()
+        except Exception:  # noqa: BLE001 - the same error, with its message, comes where the sort first uses it
+            pass
+
+    thread = threading.Thread(target=start, name="ks2py-device-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def synchronize():
