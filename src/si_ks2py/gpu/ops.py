@@ -365,9 +365,9 @@ _PJ_TEMPLATES, _PJ_SLAB, _PJ_MAX_RANK, _PJ_MAX_TILE = 32, 32, 4, 64  # PJ_* in p
 
 def _template_projections(data, W, U):
     """B [n, K] float32: <T_k, data[t:t+nt0]> for t <= n - nt0, 0 beyond. One kernel sums the spatial projections
-    of each chunk of 32 templates over the channels where their U is non-zero (a short window when templates are
-    sorted by peak channel: a fifth of the channels on Neuropixels 1.0), keeps them in shared memory and sums them
-    in time there."""
+    of each chunk of 32 templates over the channels where their U is non-zero (a short window when the templates
+    are sorted by peak channel, as the stages hold them), keeps them in shared memory and sums them in time there.
+    data: [n, C] float32; W: [K, nt0, R] and U: [K, C, R] float32, contiguous."""
     n, C = data.shape
     K, nt0, R = W.shape
     if R > _PJ_MAX_RANK:
