@@ -9,11 +9,12 @@ The recordings come from SpikeInterface's generate_drifting_recording (384 chann
 ``--units`` units, once static and once with its default zigzag drift); they are saved as int16 binary folders
 first (not timed) and reused by a later call with the same arguments and the same ``--workdir``. Each sort runs
 in its own process, so its GPU memory (sampled through NVML, above what the GPU held before) and its host peak
-(max RSS) are its own. ``--warmup`` first sorts the whole first set with ks2py (not timed as a result) so that the
-timed sorts find every kernel compiled in CuPy's (and numba's) disk cache; its time is printed as the first-run
-(compile) time. A shorter warm-up leaves kernels uncompiled: CuPy compiles variants of some kernels by the size
-of their input (a 60 s warm-up left two, 0.3 s of compilation, to the first 300 s sort; a 10 s one left the
-split's code, whose clusters it never gives the 300 spikes a split needs). ``--repeats N`` sorts each set N times
+(max RSS) are its own. ``--warmup`` first sorts every set with ks2py (not timed as a result) so that the timed
+sorts find every kernel compiled in CuPy's (and numba's) disk cache; the warm-up times are printed, the first one
+as the first-run (compile) time. A smaller warm-up leaves kernels uncompiled: CuPy compiles variants of some
+kernels by the size of their input (a 60 s warm-up left two, 0.3 s of compilation, to the first 300 s sort; a
+10 s one left the split's code, whose clusters it never gives the 300 spikes a split needs; a warm-up on the
+static set alone left the first drift sort 5 s of learning more than the next one). ``--repeats N`` sorts each set N times
 with ks2py and prints the median: the same code varies by 1-3 s between sorts on one machine. Before each sort the
 disk's dirty pages are flushed (``os.sync``), so that the writeback of the sort before does not overlap it.
 
@@ -274,7 +275,7 @@ def main(argv=None):
     parser.add_argument("--workdir", required=False, default="ks2py_bench")
     parser.add_argument("--n-jobs", type=int, default=os.cpu_count())
     parser.add_argument("--warmup", action="store_true",
-                        help="sort the first set with ks2py first (kernel compilation)")
+                        help="sort every set with ks2py first, untimed (kernel compilation)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="sort each set this many times with ks2py (kilosort4 once) and print the median")
     parser.add_argument("--json", default=None, help="append the results to this JSON-lines file")
@@ -295,10 +296,10 @@ def main(argv=None):
     # by every sort (seconds), which no user sees twice
     os.environ.setdefault("MPLCONFIGDIR", str((work / "mplconfig").absolute()))
     folders = generate_sets(args, work)
-    if args.warmup and "ks2py" in args.sorters:
-        r = run_child("ks2py", folders[args.sets[0]], folders["gt"], work / "sort_warmup", scored=False)
+    for name in args.sets if args.warmup and "ks2py" in args.sorters else ():
+        r = run_child("ks2py", folders[name], folders["gt"], work / "sort_warmup", scored=False)
         if not r.get("failed"):
-            print(f"ks2py first run (kernel compilation) on {args.sets[0]}: {r['wall_s']:.1f} s", flush=True)
+            print(f"ks2py warm-up on {name} (kernel compilation): {r['wall_s']:.1f} s", flush=True)
         shutil.rmtree(work / "sort_warmup", ignore_errors=True)  # the disk holds both sets and every sort's folder
     for name in args.sets:
         for sorter in args.sorters:
