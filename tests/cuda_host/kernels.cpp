@@ -1,6 +1,6 @@
 // Runs the kernels of detect.cu, templates.cu and pursuit.cu's template projections (included by the build as
-// kernel.cu) on the host, launched as
-// gpu/ops.py launches them (launch.h: one process per block, one thread per CUDA thread).
+// kernel.cu) on the host, launched as gpu/ops.py launches them (launch.h: one process per block, one thread per
+// CUDA thread).
 #include "launch.h"
 #include "kernel.cu"
 

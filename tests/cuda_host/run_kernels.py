@@ -1,5 +1,5 @@
-"""Run the kernels of detect.cu, templates.cu and pursuit.cu's template projections on the host (prelude.h, launch.h, kernels.cpp) for tests on
-machines without a GPU:
+"""Run the kernels of detect.cu, templates.cu and pursuit.cu's template projections on the host (prelude.h,
+launch.h, kernels.cpp) for tests on machines without a GPU:
 
     python run_kernels.py KERNEL INPUTS.npz OUTPUTS.npz
 

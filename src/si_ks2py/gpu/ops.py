@@ -135,9 +135,6 @@ def prefetch_to_device(read, items, depth: int = 2):
         caller.synchronize()  # the buffers go back to the memory pool: nothing queued may still read them
 
 
-_SOURCES = ("preprocess", "detect", "pursuit", "templates", "split")
-
-
 @functools.lru_cache(maxsize=None)
 def start_device() -> threading.Thread:
     """Create the CUDA context, load cuBLAS and load (or compile) the package's kernel modules in a background
@@ -147,8 +144,9 @@ def start_device() -> threading.Thread:
         try:
             cp.cuda.runtime.free(0)  # the first runtime call creates the context
             cp.cuda.device.get_cublas_handle()
-            for file in _SOURCES:
-                _module(file).compile()
+            for source in resources.files("si_ks2py.gpu").iterdir():
+                if source.name.endswith(".cu"):
+                    _module(source.name.removesuffix(".cu")).compile()
         except Exception:  # noqa: BLE001 - the same error, with its message, comes where the sort first uses it
             pass
 
