@@ -53,6 +53,7 @@ def test_stale_or_half_written_arrays_are_never_read(tmp_path, monkeypatch):
     ir.current_stage = "preprocess"
     ir.Wrot = np.eye(3)
     assert ir.has("Wrot")
+    ir.wait_for_files()  # written by the writer thread
 
     # same folder, another fingerprint for the stage: the array is stale
     stale = Intermediate(tmp_path, {"preprocess": "b"})
@@ -66,8 +67,9 @@ def test_stale_or_half_written_arrays_are_never_read(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(np, "save", dies)
+    ir.Wrot = np.zeros((3, 3))
     with pytest.raises(KeyboardInterrupt):
-        ir.Wrot = np.zeros((3, 3))
+        ir.wait_for_files()  # the writer thread's error, raised where the run waits for its writes
     monkeypatch.undo()
     fresh = Intermediate(tmp_path, {"preprocess": "a"})
     np.testing.assert_array_equal(fresh.Wrot, np.eye(3))
@@ -102,5 +104,36 @@ def test_array_written_in_pieces_is_recorded_only_when_complete(tmp_path):
         out[:3], out[3:] = values[:3], values[3:]
 
     ir.write_array("cProjPC", values.shape, np.float32, fill_in_two_pieces)
+    np.testing.assert_array_equal(ir.cProjPC, values)  # readable at once, while the writer syncs the file
+    ir.wait_for_files()
     again = Intermediate(tmp_path, {"extract": "fp"})
     np.testing.assert_array_equal(again.cProjPC, values)
+
+
+def test_stage_is_recorded_done_only_after_its_arrays_are_written(tmp_path, monkeypatch):
+    """The writer thread writes in call order: a stage whose array write fails is not recorded as done, the error
+    comes out of wait_for_files, and a kept array cannot change before it is written."""
+    ir = Intermediate(tmp_path, {"reorder": "fp", "learn": "fq"})
+    ir.current_stage = "reorder"
+    iorig = np.arange(4)
+    ir.iorig = iorig
+    with pytest.raises(ValueError, match="read-only"):
+        iorig[0] = 3
+    ir.mark_stage_done("reorder")
+    ir.wait_for_files()
+    assert Intermediate(tmp_path, {"reorder": "fp"}).stage_is_done("reorder")
+
+    def full_disk(f, array, allow_pickle):
+        raise OSError(28, "No space left on device")
+
+    ir.current_stage = "learn"
+    monkeypatch.setattr(np, "save", full_disk)
+    ir.W = np.ones(3)
+    ir.mark_stage_done("learn")
+    with pytest.raises(OSError, match="No space left"):
+        ir.wait_for_files()
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="an earlier write failed"):
+        ir.wait_for_files()  # the stage's record, queued after the failed write, is not written
+    fresh = Intermediate(tmp_path, {"reorder": "fp", "learn": "fq"})
+    assert fresh.stage_is_done("reorder") and not fresh.stage_is_done("learn") and not fresh.has("W")

@@ -1,8 +1,10 @@
 """The run context (``ctx``) and the on-disk cache of intermediate arrays.
 
-``ctx.intermediate.Wrot = array`` writes ``Wrot.npy`` into the cache folder atomically (temporary file, then
-rename) and records in ``manifest.json`` which stage wrote it under which fingerprint; reading
-``ctx.intermediate.Wrot`` loads it back. An array is only ever read back when its recorded fingerprint equals the
+``ctx.intermediate.Wrot = array`` writes ``Wrot.npy`` into the cache folder atomically (temporary file, synced,
+then renamed) and records in ``manifest.json`` which stage wrote it under which fingerprint; reading
+``ctx.intermediate.Wrot`` loads it back. The writes are done by a writer thread, in call order, while the stages
+go on (a small file's sync can take tens of milliseconds while the whitened file is being written back), and a
+stage is recorded as done only after its arrays are; ``wait_for_files`` waits for them. An array is only ever read back when its recorded fingerprint equals the
 fingerprint the current run computes for that stage, so a changed param or recording never reuses a stale array,
 and a file whose write was interrupted is never listed in the manifest.
 """
@@ -46,22 +48,40 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path):
-    """Yield a temporary path beside ``path`` to write; when the block completes, the file is synced to disk and
-    renamed into place; on an error it is removed."""
+def _temporary_beside(path: Path) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
+    return tmp
+
+
+def _remove(tmp: str):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+
+
+def _sync_into_place(tmp: str, path: Path):
+    """Sync the written temporary file ``tmp`` to disk and rename it to ``path``; on an error it is removed."""
     try:
-        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs should read like any other file
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path):
+    """Yield a temporary path beside ``path`` to write; when the block completes, the file is synced to disk and
+    renamed into place; on an error it is removed."""
+    tmp = _temporary_beside(path)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    _sync_into_place(tmp, path)
 
 
 def _atomic_write(path: Path, write):
@@ -77,7 +97,8 @@ class Intermediate:
     the stage whose outputs are being written. Arrays kept in memory (``keep``) are not written to disk.
     """
 
-    _own = ("folder", "stage_fingerprints", "current_stage", "_memory", "_manifest", "_lock", "_background")
+    _own = ("folder", "stage_fingerprints", "current_stage", "_memory", "_manifest", "_lock", "_background",
+            "_writer", "_write_failed")
 
     def __init__(self, folder, stage_fingerprints: dict[str, str]):
         object.__setattr__(self, "folder", Path(folder))
@@ -85,7 +106,9 @@ class Intermediate:
         object.__setattr__(self, "current_stage", None)
         object.__setattr__(self, "_memory", {})
         object.__setattr__(self, "_lock", threading.Lock())  # background file writes record themselves too
-        object.__setattr__(self, "_background", [])
+        object.__setattr__(self, "_background", [])  # futures of the writes not waited for yet
+        object.__setattr__(self, "_writer", None)  # the thread that writes arrays and the manifest, in order
+        object.__setattr__(self, "_write_failed", False)
         self.folder.mkdir(parents=True, exist_ok=True)
         manifest = {"arrays": {}, "files": {}, "stages": {}}
         path = self.folder / "manifest.json"
@@ -110,17 +133,39 @@ class Intermediate:
     def _entry_is_valid(self, entry) -> bool:
         return entry is not None and self.stage_fingerprints.get(entry["stage"]) == entry["fingerprint"]
 
-    def _record(self, kind: str, name: str, stage: str | None = None):
+    def _writing_stage(self, name: str, stage: str | None = None) -> str:
         stage = stage or self.current_stage
         if stage is None:
             raise RuntimeError(f"intermediate '{name}' written outside a stage")
+        return stage
+
+    def _record(self, kind: str, name: str, stage: str | None = None):
+        stage = self._writing_stage(name, stage)
         self._update_manifest(kind, name, {"stage": stage, "fingerprint": self.stage_fingerprints[stage]})
+
+    def _in_order(self, job):
+        """Queue ``job()`` (a write of the cache) for the writer thread, after the writes queued before it; once
+        one has failed, the later ones are not done (a stage is never recorded done without its arrays)."""
+        if self._writer is None:
+            object.__setattr__(self, "_writer", ThreadPoolExecutor(max_workers=1, thread_name_prefix="ks2py-cache"))
+
+        def guarded():
+            if self._write_failed:
+                raise RuntimeError("not written to the cache: an earlier write failed")
+            try:
+                job()
+            except BaseException:
+                object.__setattr__(self, "_write_failed", True)
+                raise
+
+        self._background.append(self._writer.submit(guarded))
 
     def stage_is_done(self, stage: str) -> bool:
         return self._manifest["stages"].get(stage) == self.stage_fingerprints[stage]
 
     def mark_stage_done(self, stage: str):
-        self._update_manifest("stages", stage, self.stage_fingerprints[stage])
+        """Record ``stage`` as done, once the writes of its arrays queued before are complete."""
+        self._in_order(lambda: self._update_manifest("stages", stage, self.stage_fingerprints[stage]))
 
     def has(self, name: str) -> bool:
         if name in self._memory:
@@ -149,20 +194,37 @@ class Intermediate:
         array = np.asarray(value)
         if array.dtype == object:
             raise TypeError(f"intermediate '{name}' must be a numeric array, got {type(value).__name__}")
-        _atomic_write(self.folder / f"{name}.npy", lambda f: np.save(f, array, allow_pickle=False))
+        stage = self._writing_stage(name)
+        array.flags.writeable = False  # written later by the writer thread: what it writes is what is kept
         self._memory[name] = array
-        self._record("arrays", name)
+
+        def write():
+            _atomic_write(self.folder / f"{name}.npy", lambda f: np.save(f, array, allow_pickle=False))
+            self._record("arrays", name, stage)
+
+        self._in_order(write)
 
     def write_array(self, name: str, shape: tuple, dtype, fill):
         """Write a large array without holding it in memory: ``fill(out)`` fills ``out``, a memory-mapped
-        [shape] array in a temporary .npy file that is renamed into place and recorded once ``fill`` returns."""
-        with _atomic_path(self.folder / f"{name}.npy") as tmp:
+        [shape] array in a temporary .npy file; once ``fill`` returns, the file is read back memory-mapped and
+        the writer thread syncs it, renames it into place and records it."""
+        path = self.folder / f"{name}.npy"
+        stage = self._writing_stage(name)
+        tmp = _temporary_beside(path)
+        try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
             fill(out)
-            out.flush()
-            del out
-        self._memory.pop(name, None)  # read back (memory-mapped when large) on first use
-        self._record("arrays", name)
+            del out  # unmapped: its pages are the file's, synced by the writer
+            self._memory[name] = np.load(tmp, mmap_mode="r", allow_pickle=False)  # the same file once renamed
+        except BaseException:
+            _remove(tmp)
+            raise
+
+        def finish():
+            _sync_into_place(tmp, path)
+            self._record("arrays", name, stage)
+
+        self._in_order(finish)
 
     def keep(self, **arrays):
         """Hold arrays for later stages of this run without writing them (cheap to recompute)."""
@@ -214,9 +276,12 @@ class Intermediate:
         executor.shutdown(wait=False)
 
     def wait_for_files(self):
-        """Wait for the background writes (and raise their errors)."""
+        """Wait for the background writes (arrays, manifest, files) and raise their errors."""
         while self._background:
             self._background.pop(0).result()
+        if self._writer is not None:
+            self._writer.shutdown()
+            object.__setattr__(self, "_writer", None)
 
     def forget_file(self, name: str):
         """Delete a cached file (e.g. delete_tmp_files) and the record of it."""
