@@ -37,7 +37,8 @@ TIMED = {
 }
 #: ops of the op table (timed where the GPU's is used)
 TIMED_OPS = ("to_host", "filtfilt_zero_state", "row_median", "pc_threshold_spikes", "prototype_spikes",
-             "svd_templates", "neighbor_xcorr", "match_pursuit", "accumulate_templates", "pc_features")
+             "svd_templates", "neighbor_xcorr", "match_pursuit", "accumulate_templates", "pc_features", "pin_host",
+             "copy_to_host")
 CHUNKS = ("chunk_crossings", "whiten_chunk")
 
 

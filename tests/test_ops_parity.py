@@ -60,6 +60,35 @@ def test_every_cpu_op_has_a_gpu_twin(gpu):
     assert not missing
 
 
+def test_copies_to_and_from_pinned_host_memory(gpu):
+    """The in-memory whitened copy is pinned (pin_host) while it is being filled: chunks copied into its rows on a
+    worker stream (copy_to_host) and batches read back from views of it are exact, before and after unpinning."""
+    from si_ks2py.io import large_host_array, pin_when_populated
+
+    rng = np.random.default_rng(5)
+    rows, C = 40000, 61
+    memory, populating = large_host_array((rows * C,), np.int16)
+    pinning = pin_when_populated(gpu, memory, populating)
+    whitened = memory.reshape(rows, C)
+    data = rng.integers(-2 ** 15, 2 ** 15, (rows, C), dtype=np.int16)
+    with gpu.worker_stream():
+        for start in range(0, rows, 7000):
+            gpu.copy_to_host(gpu.asarray(data[start:start + 7000]) + 0, whitened[start:start + 7000])
+    unpin = pinning.result()
+    assert unpin is not None
+    with gpu.worker_stream():
+        gpu.copy_to_host(gpu.asarray(data[:100]) * 0, whitened[:100])
+    np.testing.assert_array_equal(whitened[:100], 0)
+    whitened[:100] = data[:100]
+    np.testing.assert_array_equal(whitened, data)
+    view = whitened[123:31234]
+    np.testing.assert_array_equal(gpu.to_host(gpu.asarray(view)), data[123:31234])
+    for k, batch in gpu.prefetch_to_device(lambda k: whitened[k * 9000:(k + 1) * 9000 + 77], range(4)):
+        np.testing.assert_array_equal(gpu.to_host(batch), data[k * 9000:(k + 1) * 9000 + 77])
+    unpin()
+    np.testing.assert_array_equal(gpu.to_host(gpu.asarray(whitened[5:6000])), data[5:6000])
+
+
 @pytest.mark.parametrize("band", [None, 6000.0])
 def test_filtfilt_zero_state(gpu, band):
     rng = np.random.default_rng(0)

@@ -1,4 +1,3 @@
-import time
 
 import numpy as np
 import pytest
@@ -57,10 +56,23 @@ def test_running_min_and_sum_match_direct_windows():
 def test_large_host_array_keeps_what_is_written_while_its_pages_are_faulted_in():
     # 5 huge pages and a bit: slices of whole huge pages for the populating threads, a short last one
     data = np.random.default_rng(3).integers(-2 ** 15, 2 ** 15, 5 * 2 ** 20 + 12345, dtype=np.int16)
-    array = large_host_array(data.shape, np.int16)
+    array, populating = large_host_array(data.shape, np.int16)
     array[:] = data  # written while the threads fault the pages in
-    time.sleep(0.2)
+    for thread in populating:
+        thread.join()
     np.testing.assert_array_equal(array, data)
+
+
+def test_in_memory_whitened_data_is_read_as_views_and_zero_padded_at_its_ends():
+    data = np.arange(50 * 3, dtype=np.int16).reshape(50, 3)
+    whitened = WhitenedData(data, 50, 3, scaleproc=200.0)
+    inside = whitened.read(ops, 10, 20)
+    assert np.shares_memory(inside, data) and not inside.flags.writeable  # no copy, and it cannot be changed
+    np.testing.assert_array_equal(inside, data[10:20])
+    for start, stop in [(-4, 6), (45, 55), (-2, 52)]:
+        expected = np.zeros((stop - start, 3), np.int16)
+        expected[max(0, -start):max(0, -start) + min(50, stop) - max(0, start)] = data[max(0, start):min(50, stop)]
+        np.testing.assert_array_equal(whitened.read(ops, start, stop), expected)
 
 
 def test_int16_conversion_rounds_and_saturates():

@@ -294,5 +294,6 @@ class Context(Bunch):
     """What a run carries: ``raw_data`` (the SpikeInterface recording), ``probe`` (see probe.py), ``params``
     (the resolved run parameters, Kilosort names), ``intermediate`` (cached arrays), ``ops`` (the op table of
     the chosen device), ``output_folder``, ``user_params`` (as given), ``timings`` (seconds per stage) and
-    ``whitened`` (the whitened data in host memory when this run's preprocessing kept it there, else None) and
-    ``figures`` (the process drawing the QC figures, plots.FigureProcess, or None)."""
+    ``whitened`` (the whitened data in host memory when this run's preprocessing kept it there, else None),
+    ``whitened_pinning`` (the future of its page-locking, see io.pin_when_populated, or None) and ``figures``
+    (the process drawing the QC figures, plots.FigureProcess, or None)."""

@@ -19,7 +19,7 @@ import mmap
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +157,9 @@ POPULATE_WORKERS = 4  # threads faulting in a large array: one thread zeroes abo
 HUGE_PAGE = 2 ** 21
 
 
-def large_host_array(shape, dtype) -> np.ndarray:
-    """An uninitialised host array of many GB whose pages background threads fault in ahead of use.
+def large_host_array(shape, dtype) -> tuple[np.ndarray, list[threading.Thread]]:
+    """An uninitialised host array of many GB whose pages background threads fault in ahead of use: (the array,
+    those threads).
 
     The first write to a fresh page otherwise costs about as much as the copy itself (the kernel zeroes it). The
     array is mapped with transparent huge pages where the system offers them (one fault per 2 MB instead of per
@@ -171,8 +172,9 @@ def large_host_array(shape, dtype) -> np.ndarray:
     with contextlib.suppress(AttributeError, OSError):
         buffer.madvise(mmap.MADV_HUGEPAGE)
     array = np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
+    threads = []
     if not sys.platform.startswith("linux"):
-        return array
+        return array, threads
     address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
     with contextlib.suppress(OSError, AttributeError):
         madvise = ctypes.CDLL(None, use_errno=True).madvise  # a ctypes call releases the GIL
@@ -182,9 +184,27 @@ def large_host_array(shape, dtype) -> np.ndarray:
                   for i in range(POPULATE_WORKERS + 1)]
         for start, stop in itertools.pairwise(bounds):
             if stop > start:
-                threading.Thread(target=madvise, args=(address + start, stop - start, MADV_POPULATE_WRITE),
-                                 daemon=True).start()
-    return array
+                threads.append(threading.Thread(target=madvise, daemon=True,
+                                                args=(address + start, stop - start, MADV_POPULATE_WRITE)))
+                threads[-1].start()
+    return array, threads
+
+
+def pin_when_populated(ops, array: np.ndarray, populating: list[threading.Thread]) -> Future:
+    """Page-lock ``array`` (``ops.pin_host``) in a background thread once the ``populating`` threads have faulted
+    its pages in: the copies between it and the device then run by DMA, with no staging copy on the host (about
+    8 ms a batch of 384 channels on an H200 host, against under 1 ms). The future gives the function that unpins
+    it (None where nothing was pinned); copies made before it is done are correct, only slower."""
+
+    def pin():
+        for thread in populating:
+            thread.join()
+        return ops.pin_host(array)
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ks2py-pin")
+    future = executor.submit(pin)
+    executor.shutdown(wait=False)
+    return future
 
 
 class WhitenedData:
@@ -210,8 +230,13 @@ class WhitenedData:
         read_rows(self.path, out, 0, start)
 
     def read(self, ops, start: int, stop: int) -> np.ndarray:
-        """int16 rows [start, stop) with zeros where the range leaves the data, [stop - start, Nchan], in a host
-        buffer ready for a fast transfer to the device of ``ops`` (``ops.empty_staged``)."""
+        """int16 rows [start, stop) with zeros where the range leaves the data, [stop - start, Nchan], ready for a
+        fast transfer to the device of ``ops``: a read-only view of the in-memory copy (page-locked once
+        preprocessing has pinned it) where the range lies inside it, else a host buffer (``ops.empty_staged``)."""
+        if self.data is not None and 0 <= start <= stop <= self.n_samples:
+            view = self.data[start:stop]
+            view.flags.writeable = False
+            return view
         out = ops.empty_staged((stop - start, self.n_channels), np.int16)
         a, b = max(0, start), min(self.n_samples, stop)
         if a > start or b < stop:
@@ -232,6 +257,19 @@ def whitened_fits_in_memory(n_bytes: int) -> bool:
     except (AttributeError, ValueError, OSError):  # not a POSIX system that says: use the file
         return False
     return n_bytes <= available // 2
+
+
+def unpin_whitened(ctx):
+    """Unpin the in-memory whitened copy once its pinning is done, in a background thread (about 0.1 s for 7 GB):
+    page-locked memory is not given back to the system until it is unpinned."""
+    pinning, ctx.whitened_pinning = ctx.whitened_pinning, None
+
+    def unpin(done: Future):
+        if done.exception() is None and done.result() is not None:
+            threading.Thread(target=done.result(), name="ks2py-unpin", daemon=True).start()
+
+    if pinning is not None:
+        pinning.add_done_callback(unpin)
 
 
 def open_whitened(ctx) -> WhitenedData:

@@ -41,6 +41,16 @@ def to_host(a):
     return np.asarray(a)
 
 
+def copy_to_host(a, out: np.ndarray):
+    """Copy ``a`` into the host array ``out`` (same shape and dtype)."""
+    out[...] = a
+
+
+def pin_host(array: np.ndarray):
+    """Nothing to page-lock without a device (on the GPU, cudaHostRegister): returns None, nothing to unpin."""
+    return None
+
+
 def prefetch_to_device(read, items, depth: int = 2):
     """Yield ``(item, read(item))`` in order, read ahead by a background thread (the host is the device here; the
     GPU twin copies ahead into device buffers, each valid until the next item is asked for)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -24,6 +25,7 @@ from scipy import fft as sfft
 
 xp = cp
 name = "cuda"
+logger = logging.getLogger("si_ks2py")
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,6 +102,29 @@ def to_host(a):
     out = cupyx.empty_pinned(a.shape, a.dtype)
     a.get(out=out)
     return out
+
+
+def copy_to_host(a, out: np.ndarray):
+    """Copy the device array ``a`` into the host array ``out`` (same shape and dtype, C-contiguous) on the current
+    stream and wait for it: a DMA where ``out`` is page-locked (``pin_host``)."""
+    a.get(stream=cp.cuda.get_current_stream(), out=out)
+
+
+def pin_host(array: np.ndarray):
+    """Page-lock the memory of the C-contiguous host ``array`` (cudaHostRegister), so that copies between it and
+    the device run by DMA; returns the function that unpins it (it holds the array until then), or None where the
+    driver refused (the copies are then staged, only slower)."""
+    pointer = array.ctypes.data
+    try:
+        cp.cuda.runtime.hostRegister(pointer, array.nbytes, 0)
+    except cp.cuda.runtime.CUDARuntimeError as err:
+        logger.info("the in-memory whitened data could not be page-locked (%s): its copies are staged", err)
+        return None
+
+    def unpin(array=array):
+        cp.cuda.runtime.hostUnregister(pointer)
+
+    return unpin
 
 
 def prefetch_to_device(read, items, depth: int = 2):

@@ -39,7 +39,8 @@ def extract_templates_from_snippets(ctx, data, rng) -> tuple[np.ndarray, np.ndar
 
     Isolated single-channel spikes of every nskip-th batch (up to 1e5 clips); the prototypes come from 10
     iterations of k-means on the clips' shapes (an empty cluster keeps its prototype, where Kilosort produced
-    NaN); the PCs are the clips' top singular vectors, PC1 negative at the trough.
+    NaN); the PCs are the clips' top singular vectors (the leading eigenvectors of their Gram matrix), PC1
+    negative at the trough. The clips stay on the device; only the Gram matrix comes back.
     """
     ops, p = ctx.ops, ctx.params
     xp = ops.xp
@@ -51,26 +52,25 @@ def extract_templates_from_snippets(ctx, data, rng) -> tuple[np.ndarray, np.ndar
         n += len(rows)
         if n > 1e5:
             break
-    dd = ops.to_host(xp.concatenate(clips)).astype(np.float64)  # [n, nt0]
-    if len(dd) < N_PROTOTYPES:
+    if n < N_PROTOTYPES:
         raise ValueError(
-            f"only {len(dd)} isolated spikes below detect_threshold={-p.spkTh} were found: too few to learn "
+            f"only {n} isolated spikes below detect_threshold={-p.spkTh} were found: too few to learn "
             "waveform shapes. The recording may hold no spikes; check its scaling or lower detect_threshold."
         )
-    prototypes = dd[rng.permutation(len(dd))[:N_PROTOTYPES]].T  # [nt0, 6]
-    prototypes /= np.linalg.norm(prototypes, axis=0) + 1e-12
+    dd = xp.concatenate(clips).astype(xp.float64)  # [n, nt0]
+    prototypes = dd[xp.asarray(rng.permutation(n)[:N_PROTOTYPES])].T  # [nt0, 6]
+    prototypes /= xp.linalg.norm(prototypes, axis=0) + 1e-12
+    clusters = xp.arange(N_PROTOTYPES)
     for _ in range(10):
-        cc = prototypes.T @ dd.T  # [6, n]
-        best = cc.argmax(axis=0)
-        for j in range(N_PROTOTYPES):
-            members = best == j
-            if members.any():
-                prototypes[:, j] = dd[members].T @ cc[j, members]
-        prototypes /= np.linalg.norm(prototypes, axis=0) + 1e-12
-    _, _, vt = np.linalg.svd(dd, full_matrices=False)
-    wPCA = vt[:N_PROTOTYPES].T.copy()
+        cc = dd @ prototypes  # [n, 6]
+        members = cc.argmax(axis=1)[:, None] == clusters  # [n, 6]
+        updated = dd.T @ xp.where(members, cc, 0.0)  # each prototype: its members' clips weighted by their score
+        prototypes = xp.where(members.any(axis=0), updated, prototypes)
+        prototypes /= xp.linalg.norm(prototypes, axis=0) + 1e-12
+    values, vectors = np.linalg.eigh(ops.to_host(dd.T @ dd))
+    wPCA = vectors[:, np.argsort(-values, kind="stable")[:p.Nrank]]
     wPCA[:, 0] *= -np.sign(wPCA[p.nt0min - 1, 0]) if wPCA[p.nt0min - 1, 0] != 0 else 1
-    return prototypes.astype(np.float32), np.ascontiguousarray(wPCA[:, :p.Nrank]).astype(np.float32)
+    return ops.to_host(prototypes).astype(np.float32), np.ascontiguousarray(wPCA, dtype=np.float32)
 
 
 def middle(n_active: int) -> int:

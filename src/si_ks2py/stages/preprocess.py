@@ -9,6 +9,8 @@ Outputs: ``igood`` (bool per probe channel), ``chanMap``, ``xc``, ``yc``, ``kcoo
 ``Wrot`` [Nchan, Nchan] float64, and the file ``temp_wh.dat`` (int16 [n_samples, Nchan], see io.py). When it fits
 in half of the free host memory, the whitened data is also kept in memory (``ctx.whitened``) for the later stages
 of the same run, which then read no file, and the file is written from it by a background thread while they run.
+On the GPU that copy is page-locked (pinned) once its pages are faulted in, so that the main pass's chunks and the
+later stages' batches move between it and the device by DMA, without a staging copy on the host.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..io import (RecordingReader, chunk_windows, large_host_array, on_own_streams, prefetch,
+from ..io import (RecordingReader, chunk_windows, large_host_array, on_own_streams, pin_when_populated, prefetch,
                   whitened_fits_in_memory)
 from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
 
-STORE_WORKERS = 4  # threads copying chunks into the in-memory copy (its first writes fault pages in)
+STORE_WORKERS = 4  # threads copying chunks into the in-memory copy until it is page-locked
 GPU_WORKERS = 3  # chunks filtered side by side, each on a stream of its own (~0.4 GB of GPU memory at 384 ch)
 
 OUTPUTS = ("igood", "chanMap", "xc", "yc", "kcoords", "Wrot")
@@ -203,32 +205,40 @@ def to_int16(ops, x):
     return xp.clip(xp.rint(x), -32768, 32767).astype(xp.int16)
 
 
-def whiten_chunk(ops, reader: RecordingReader, wrot_dev, params, coefficients, window) -> np.ndarray:
-    """One chunk of the main pass: filtered with its context, whitened, scaled, int16 [n_out, Nchan] on the host."""
+def whiten_chunk(ops, reader: RecordingReader, wrot_dev, params, coefficients, pinned_copy, window):
+    """One chunk of the main pass: filtered with its context, whitened, scaled to int16 [n_out, Nchan]. Copied by
+    DMA straight into its rows of ``pinned_copy()`` (the in-memory copy [n_samples, Nchan] once page-locked, else
+    None) and None returned; otherwise returned on the host."""
     read, out = window
     raw = reader.to_device(ops, reader.read_staged(ops, *read))
     if params.skip_preprocessing:
         x = raw[out[0] - read[0]:out[1] - read[0]].astype(ops.xp.float32)
     else:
         x = filter_traces(ops, raw, params, coefficients)[out[0] - read[0]:out[1] - read[0]] @ wrot_dev
-    return np.ascontiguousarray(ops.to_host(to_int16(ops, x)))
+    destination = pinned_copy()
+    if destination is None:
+        return np.ascontiguousarray(ops.to_host(to_int16(ops, x)))
+    ops.copy_to_host(to_int16(ops, x), destination[out[0]:out[1]])
+    return None
 
 
 def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store, show_progress: bool,
-                   store_workers: int = 1):
+                   store_workers: int = 1, pinned_copy=lambda: None):
     """The main pass: every chunk filtered with its context, whitened, scaled, int16 [n_out, Nchan], by
-    GPU_WORKERS threads side by side; ``store(block, out)`` is called for each chunk by writer threads while the
-    next ones are processed (in order with one writer; several may store chunks side by side)."""
+    GPU_WORKERS threads side by side. A chunk goes straight into ``pinned_copy()`` where that gives the in-memory
+    copy (page-locked); otherwise ``store(block, out)`` is called for it by writer threads while the next ones are
+    processed (in order with one writer; several may store chunks side by side)."""
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples) for k in range(params.Nbatch)]
     chunk = functools.partial(whiten_chunk, ops, reader, ops.asarray(wrot, dtype=ops.xp.float32), params,
-                              filter_coefficients(params))
+                              filter_coefficients(params), pinned_copy)
     bar = progress_bar(total=len(windows), desc="preprocess", unit="batch", enabled=show_progress)
     with ThreadPoolExecutor(max_workers=store_workers) as writer:
         stored = collections.deque()
         for (_, out), block in prefetch(on_own_streams(ops, chunk), windows, GPU_WORKERS):
             while len(stored) > store_workers:  # bounded: each waiting block holds a page-locked buffer
                 stored.popleft().result()
-            stored.append(writer.submit(store, block, out))
+            if block is not None:
+                stored.append(writer.submit(store, block, out))
             bar.update()
         for future in stored:
             future.result()
@@ -246,7 +256,12 @@ def run(ctx):
     # the in-memory copy is allocated first, so that its pages are faulted in (in the background) during the
     # good-channel and whitening passes: the first writes to fresh pages would cost about as much as the pass
     size = params.n_samples * len(probe.chanMap)  # every channel: the kept ones use its start
-    memory = large_host_array((size,), np.int16) if whitened_fits_in_memory(2 * size) else None
+    memory = None
+    if whitened_fits_in_memory(2 * size):
+        memory, populating = large_host_array((size,), np.int16)
+        # page-locked once populated, during the first two passes (or the main pass): the chunks finished then,
+        # and the later stages' batches, move between it and the device without staging
+        ctx.whitened_pinning = pin_when_populated(ops, memory, populating)
     if params.skip_preprocessing:
         igood = np.ones(len(probe.chanMap), dtype=bool)
     else:
@@ -274,7 +289,12 @@ def run(ctx):
         def keep(block, out):
             whitened[out[0]:out[1]] = block
 
-        write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, store_workers=STORE_WORKERS)
+        pinning = ctx.whitened_pinning
+
+        def pinned_copy():  # the chunks finished once the copy is page-locked go straight into it
+            return whitened if pinning.done() and pinning.exception() is None and pinning.result() else None
+
+        write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, STORE_WORKERS, pinned_copy)
         ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, whitened))
         ctx.whitened = whitened
     else:
