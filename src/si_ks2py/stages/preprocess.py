@@ -265,6 +265,8 @@ def run(ctx):
     if params.skip_preprocessing:
         igood = np.ones(len(probe.chanMap), dtype=bool)
     else:
+        # the later passes' products at their sizes (all channels kept, the usual case) while this pass runs
+        ops.load_products(params.NT + 5 * params.ntbuff, params.NT - params.ntbuff, len(probe.chanMap))
         igood = get_good_channels(ops, reader, params)
         # each pass's worker threads have streams of their own, and CuPy's pool keeps freed blocks per stream:
         # released after each pass, the passes' blocks do not add up
