@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,14 +78,36 @@ def check_recording(recording):
         )
 
 
-def import_code(device: str):
-    """The op table of ``device`` and every stage module: their imports (SciPy's signal module, numba, CuPy,
-    CUDA's start) take about a second."""
-    ops = get_ops(device)
-    for stage in STAGES:
+#: Stage modules imported with the op table, before the sort starts; the later ones (the post-processing, whose
+#: imports of numba and the host op table take about 0.3 s) are imported in the background once learning starts:
+#: its batches leave the interpreter idle while they wait for the GPU.
+FIRST_STAGES = ("preprocess", "reorder", "learn", "extract")
+PRELOAD_DURING = "learn"
+
+
+def import_stage_modules(stages):
+    for stage in stages:
         with contextlib.suppress(NotImplementedError):  # run_stages reports a missing stage
             stage_module(stage)
+
+
+def import_code(device: str):
+    """The op table of ``device`` and the first stage modules: their imports (CuPy, CUDA's start) take a few
+    tenths of a second."""
+    ops = get_ops(device)
+    import_stage_modules(FIRST_STAGES)
     return ops
+
+
+def preload_later_stages():
+    """Import the stage modules after FIRST_STAGES in a background thread."""
+    later = [stage for stage in STAGES if stage not in FIRST_STAGES]
+
+    def preload():
+        with contextlib.suppress(Exception):  # an import error comes again where its stage runs
+            import_stage_modules(later)
+
+    threading.Thread(target=preload, name="ks2py-preload", daemon=True).start()
 
 
 def build_context(recording, output_folder, user_params: dict | None = None, verbose: bool = True) -> Context:
@@ -137,6 +160,8 @@ def stages_to_run(ctx, stages: tuple[str, ...] = STAGES) -> list[str]:
 
     first = next((i for i, stage in enumerate(stages) if not done(stage)), len(stages))
     to_run = list(stages[first:])
+    if first == 0:  # nothing cached: nothing to produce again (nor any later stage module to import now)
+        return to_run
     needed = {f for stage in to_run for f in (_declared(stage, "FILE_INPUTS") or ()) if not ir.has_file(f)}
     producers = [s for s in stages[:first] if needed & set(_declared(s, "FILES"))]
     return producers + to_run
@@ -181,6 +206,8 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
     to_run = stages_to_run(ctx, stages)
     try:
         for stage in stages:
+            if stage == PRELOAD_DURING:
+                preload_later_stages()
             if stage not in to_run:
                 logger.info("%-10s cached, skipped", stage)
             else:
