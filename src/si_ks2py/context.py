@@ -4,9 +4,10 @@
 then renamed) and records in ``manifest.json`` which stage wrote it under which fingerprint; reading
 ``ctx.intermediate.Wrot`` loads it back. The writes are done by a writer thread, in call order, while the stages
 go on (a small file's sync can take tens of milliseconds while the whitened file is being written back), and a
-stage is recorded as done only after its arrays are; ``wait_for_files`` waits for them. An array is only ever read back when its recorded fingerprint equals the
-fingerprint the current run computes for that stage, so a changed param or recording never reuses a stale array,
-and a file whose write was interrupted is never listed in the manifest.
+stage is recorded as done only after its arrays are; ``wait_for_files`` waits for them. An array is only ever
+read back when its recorded fingerprint equals the fingerprint the current run computes for that stage, so a
+changed param or recording never reuses a stale array, and a file whose write was interrupted is never listed in
+the manifest.
 """
 
 from __future__ import annotations

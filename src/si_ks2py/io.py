@@ -259,13 +259,18 @@ def whitened_fits_in_memory(n_bytes: int) -> bool:
     return n_bytes <= available // 2
 
 
+def is_pinned(pinning: Future | None) -> bool:
+    """Whether the page-locking ``pinning`` (from pin_when_populated) is done and took."""
+    return pinning is not None and pinning.done() and pinning.exception() is None and pinning.result() is not None
+
+
 def unpin_whitened(ctx):
     """Unpin the in-memory whitened copy once its pinning is done, in a background thread (about 0.1 s for 7 GB):
     page-locked memory is not given back to the system until it is unpinned."""
     pinning, ctx.whitened_pinning = ctx.whitened_pinning, None
 
     def unpin(done: Future):
-        if done.exception() is None and done.result() is not None:
+        if is_pinned(done):
             threading.Thread(target=done.result(), name="ks2py-unpin", daemon=True).start()
 
     if pinning is not None:

@@ -181,10 +181,10 @@ def start_device() -> threading.Thread:
 
 
 def load_products(n_rows: int, n_out: int, n_channels: int) -> threading.Thread:
-    """Run one of each of preprocessing's matrix products after the good-channel pass at its sizes, in a background
-    thread: column sums [1, n_rows] x [n_rows, C] and whitening [n_out, C] x [C, C] float32, covariance [C, n_out]
-    x [n_out, C] float64. The first product of a kind in a process loads its cuBLAS kernel (46 to 109 ms each on
-    an H200, in whichever thread), which would otherwise delay the first chunks of the whitening and main passes."""
+    """Run one of each matrix product of the whitening and main passes, at their sizes, in a background thread:
+    column sums [1, n_rows] x [n_rows, C] and whitening [n_out, C] x [C, C] float32, covariance [C, n_out] x
+    [n_out, C] float64. The first product of a kind in a process loads its cuBLAS kernel (46 to 109 ms each on an
+    H200, in whichever thread), which would otherwise delay the first chunks of those passes."""
     def run():
         try:
             with cp.cuda.Stream(non_blocking=True) as stream:

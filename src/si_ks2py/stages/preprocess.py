@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..io import (RecordingReader, chunk_windows, large_host_array, on_own_streams, pin_when_populated, prefetch,
-                  whitened_fits_in_memory)
+from ..io import (RecordingReader, chunk_windows, is_pinned, large_host_array, on_own_streams, pin_when_populated,
+                  prefetch, whitened_fits_in_memory)
 from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
@@ -215,10 +215,11 @@ def whiten_chunk(ops, reader: RecordingReader, wrot_dev, params, coefficients, p
         x = raw[out[0] - read[0]:out[1] - read[0]].astype(ops.xp.float32)
     else:
         x = filter_traces(ops, raw, params, coefficients)[out[0] - read[0]:out[1] - read[0]] @ wrot_dev
+    x = to_int16(ops, x)
     destination = pinned_copy()
     if destination is None:
-        return np.ascontiguousarray(ops.to_host(to_int16(ops, x)))
-    ops.copy_to_host(to_int16(ops, x), destination[out[0]:out[1]])
+        return np.ascontiguousarray(ops.to_host(x))
+    ops.copy_to_host(x, destination[out[0]:out[1]])
     return None
 
 
@@ -294,7 +295,7 @@ def run(ctx):
         pinning = ctx.whitened_pinning
 
         def pinned_copy():  # the chunks finished once the copy is page-locked go straight into it
-            return whitened if pinning.done() and pinning.exception() is None and pinning.result() else None
+            return whitened if is_pinned(pinning) else None
 
         write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, STORE_WORKERS, pinned_copy)
         ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, whitened))
