@@ -153,7 +153,8 @@ def on_own_streams(ops, function):
 
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in, writable, without changing their contents
-POPULATE_WORKERS = 4  # threads faulting in a large array: one thread zeroes about 3 GB of fresh pages a second
+# threads faulting in a large array (one thread zeroes about 3 GB of fresh pages a second), half the cores at most
+POPULATE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 HUGE_PAGE = 2 ** 21
 
 

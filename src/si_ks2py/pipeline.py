@@ -91,11 +91,13 @@ def import_stage_modules(stages):
             stage_module(stage)
 
 
-def import_code(device: str):
+def import_code(device: str, params, n_channels: int):
     """The op table of ``device`` and the first stage modules: their imports (CuPy, CUDA's start) take a few
-    tenths of a second."""
+    tenths of a second. Preprocessing's kernels are then loaded in the background (on the GPU) for a recording of
+    ``n_channels`` channels sorted with ``params``."""
     ops = get_ops(device)
     import_stage_modules(FIRST_STAGES)
+    stage_module("preprocess").load_kernels(ops, params, n_channels)
     return ops
 
 
@@ -117,7 +119,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
     full = params_module.validate(user_params or {}, recording.get_sampling_frequency())
     run_params = params_module.resolve(full, recording.get_sampling_frequency(), recording.get_num_samples(0))
     with ThreadPoolExecutor(max_workers=1) as importer:
-        imported = importer.submit(import_code, full["device"])
+        imported = importer.submit(import_code, full["device"], run_params, recording.get_num_channels())
         probe = probe_from_recording(recording)
         check_recording_values(recording, run_params.t_start, run_params.t_stop)
         output_folder = Path(output_folder)

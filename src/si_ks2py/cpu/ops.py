@@ -57,10 +57,6 @@ def prefetch_to_device(read, items, depth: int = 2):
     return batch_io.prefetch(read, items)
 
 
-def load_products(n_rows: int, n_out: int, n_channels: int):
-    """Nothing to load on the host (on the GPU, cuBLAS's kernels for preprocessing's matrix products)."""
-
-
 def synchronize():
     pass
 

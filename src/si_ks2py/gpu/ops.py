@@ -180,28 +180,6 @@ def start_device() -> threading.Thread:
     return thread
 
 
-def load_products(n_rows: int, n_out: int, n_channels: int) -> threading.Thread:
-    """Run one of each matrix product of the whitening and main passes, at their sizes, in a background thread:
-    column sums [1, n_rows] x [n_rows, C] and whitening [n_out, C] x [C, C] float32, covariance [C, n_out] x
-    [n_out, C] float64. The first product of a kind in a process loads its cuBLAS kernel (46 to 109 ms each on an
-    H200, in whichever thread), which would otherwise delay the first chunks of those passes."""
-    def run():
-        try:
-            with cp.cuda.Stream(non_blocking=True) as stream:
-                x = cp.zeros((n_rows, n_channels), dtype=cp.float32)
-                cp.ones((1, n_rows), dtype=cp.float32) @ x
-                x[:n_out] @ cp.zeros((n_channels, n_channels), dtype=cp.float32)
-                covariance = x[:n_out].astype(cp.float64)
-                covariance.T @ covariance
-                stream.synchronize()
-        except Exception:  # noqa: BLE001 - a product that fails here fails with its message in the pass
-            pass
-
-    thread = threading.Thread(target=run, name="ks2py-load-products", daemon=True)
-    thread.start()
-    return thread
-
-
 def synchronize():
     cp.cuda.get_current_stream().synchronize()
 

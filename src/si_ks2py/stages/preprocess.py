@@ -16,9 +16,11 @@ later stages' batches move between it and the device by DMA, without a staging c
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -95,11 +97,14 @@ def filter_traces(ops, traces, params, coefficients):
 def chunk_crossings(ops, reader: RecordingReader, params, coefficients, window) -> tuple:
     """One chunk of get_good_channels, on the host: (non-constant channels [Nchan0] bool, threshold crossings per
     channel [Nchan0] int64 or None when not counted, samples counted)."""
+    return crossings(ops, reader.to_device(ops, reader.read_staged(ops, *window)), params, coefficients)
+
+
+def crossings(ops, raw, params, coefficients) -> tuple:
+    """The counts of chunk_crossings from its raw traces [n, Nchan0] (any dtype, on the device)."""
     xp = ops.xp
-    traces = reader.read_staged(ops, *window)
-    raw = reader.to_device(ops, traces)
     alive = column_sums(xp, raw != raw[:1])[0] > 0
-    if traces.shape[0] <= 2 * params.nt0 or params.minfr_goodchannels == 0:
+    if raw.shape[0] <= 2 * params.nt0 or params.minfr_goodchannels == 0:
         return ops.to_host(alive), None, 0
     x = filter_traces(ops, raw, params, coefficients)
     n = xp.float32(len(x))
@@ -169,8 +174,14 @@ def chunk_covariance(ops, reader: RecordingReader, params, coefficients, window)
     """One chunk of get_whitening_matrix: (x' x of its own samples, filtered with their context, [Nchan, Nchan]
     float64 on the host; their count)."""
     read, out = window
-    x = filter_traces(ops, reader.to_device(ops, reader.read_staged(ops, *read)), params, coefficients)
-    x = x[out[0] - read[0]:out[1] - read[0]].astype(ops.xp.float64)
+    raw = reader.to_device(ops, reader.read_staged(ops, *read))
+    return covariance(ops, raw, slice(out[0] - read[0], out[1] - read[0]), params, coefficients)
+
+
+def covariance(ops, raw, own: slice, params, coefficients) -> tuple[np.ndarray, int]:
+    """The result of chunk_covariance from its raw traces [n, Nchan] (any dtype, on the device) and the rows of
+    its own samples."""
+    x = filter_traces(ops, raw, params, coefficients)[own].astype(ops.xp.float64)
     return ops.to_host(x.T @ x), x.shape[0]
 
 
@@ -211,16 +222,44 @@ def whiten_chunk(ops, reader: RecordingReader, wrot_dev, params, coefficients, p
     None) and None returned; otherwise returned on the host."""
     read, out = window
     raw = reader.to_device(ops, reader.read_staged(ops, *read))
-    if params.skip_preprocessing:
-        x = raw[out[0] - read[0]:out[1] - read[0]].astype(ops.xp.float32)
-    else:
-        x = filter_traces(ops, raw, params, coefficients)[out[0] - read[0]:out[1] - read[0]] @ wrot_dev
-    x = to_int16(ops, x)
+    x = whitened_int16(ops, raw, slice(out[0] - read[0], out[1] - read[0]), wrot_dev, params, coefficients)
     destination = pinned_copy()
     if destination is None:
         return np.ascontiguousarray(ops.to_host(x))
     ops.copy_to_host(x, destination[out[0]:out[1]])
     return None
+
+
+def whitened_int16(ops, raw, own: slice, wrot_dev, params, coefficients):
+    """The rows ``own`` of raw traces [n, Nchan] (any dtype, on the device) filtered with their context,
+    whitened by ``wrot_dev`` [Nchan, Nchan] float32 and scaled: int16 on the device."""
+    if params.skip_preprocessing:
+        return to_int16(ops, raw[own].astype(ops.xp.float32))
+    return to_int16(ops, filter_traces(ops, raw, params, coefficients)[own] @ wrot_dev)
+
+
+def load_kernels(ops, params, n_channels: int):
+    """One chunk of each pass on zeros [NT + 4 ntbuff, n_channels], in a background thread, on the GPU only: the
+    first call of a kernel in a process loads it (cuBLAS's products 46 to 109 ms each on an H200, CuPy's
+    elementwise kernels from their cache), which would otherwise delay the first chunks of each pass. Started
+    while the recording is checked; sizes as when every channel is kept, the usual case."""
+    if ops.name == "cpu":
+        return
+
+    read, out = chunk_windows(1, params.NT, params.ntbuff, params.n_samples)  # a chunk inside the recording
+
+    def run():
+        # an error here comes again, with its message, in the pass
+        with contextlib.suppress(Exception), ops.worker_stream():
+            coefficients = filter_coefficients(params)
+            raw = ops.xp.zeros((read[1] - read[0], n_channels), dtype=ops.xp.int16)
+            own = slice(out[0] - read[0], out[1] - read[0])
+            crossings(ops, raw[:params.NT], params, coefficients)
+            covariance(ops, raw, own, params, coefficients)
+            ops.to_host(whitened_int16(ops, raw, own, ops.xp.eye(n_channels, dtype=ops.xp.float32), params,
+                                       coefficients))
+
+    threading.Thread(target=run, name="ks2py-load-kernels", daemon=True).start()
 
 
 def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store, show_progress: bool,
@@ -266,8 +305,6 @@ def run(ctx):
     if params.skip_preprocessing:
         igood = np.ones(len(probe.chanMap), dtype=bool)
     else:
-        # the later passes' products at their sizes (all channels kept, the usual case) while this pass runs
-        ops.load_products(params.NT + 5 * params.ntbuff, params.NT - params.ntbuff, len(probe.chanMap))
         igood = get_good_channels(ops, reader, params)
         # each pass's worker threads have streams of their own, and CuPy's pool keeps freed blocks per stream:
         # released after each pass, the passes' blocks do not add up
