@@ -1,11 +1,15 @@
+import threading
+import weakref
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
 from scipy import signal
 
 import spikeinterface.core as sc
+from si_ks2py.context import Bunch
 from si_ks2py.cpu import ops
-from si_ks2py.io import WhitenedData, large_host_array
+from si_ks2py.io import WhitenedData, large_host_array, release_whitened
 from si_ks2py.pipeline import run
 from si_ks2py.stages.preprocess import butterworth, to_int16
 from conftest import generate_recording
@@ -73,6 +77,21 @@ def test_in_memory_whitened_data_is_read_as_views_and_zero_padded_at_its_ends():
         expected = np.zeros((stop - start, 3), np.int16)
         expected[max(0, -start):max(0, -start) + min(50, stop) - max(0, start)] = data[max(0, start):min(50, stop)]
         np.testing.assert_array_equal(whitened.read(ops, start, stop), expected)
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_release_whitened_unpins_the_copy_and_lets_go_of_it_in_the_background(pinned):
+    copy = np.zeros((1000, 4), np.int16)
+    released, unpinned = threading.Event(), []
+    weakref.finalize(copy, released.set)  # called once the last reference to the copy is gone
+    pinning = Future()
+    pinning.set_result((lambda: unpinned.append(True)) if pinned else None)
+    ctx = Bunch(whitened=copy, whitened_pinning=pinning)
+    del copy
+    release_whitened(ctx)
+    assert ctx.whitened is None and ctx.whitened_pinning is None  # later reads go to the file
+    assert released.wait(5)
+    assert unpinned == ([True] if pinned else [])
 
 
 def test_int16_conversion_rounds_and_saturates():

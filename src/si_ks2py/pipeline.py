@@ -24,7 +24,7 @@ from .backend import get_ops
 from .checks import check_recording_values
 from .context import Context, Intermediate, fingerprint
 from .export import queue_batch_figure, run_export
-from .io import unpin_whitened
+from .io import release_whitened
 from .plots import FigureProcess
 from .probe import probe_from_recording
 
@@ -218,7 +218,7 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
                 queue_batch_figure(ctx.figures, ir)
     finally:
         ir.wait_for_files()  # e.g. the whitened file, written while the later stages ran
-        unpin_whitened(ctx)  # no stage after these reads the in-memory copy
+        release_whitened(ctx)  # no stage after these reads the in-memory copy
     return ctx
 
 
