@@ -28,8 +28,7 @@ TIMED = {
     "si_ks2py.pipeline": ("build_context", "import_code", "recording_fingerprint", "check_recording_values",
                           "get_ops", "run_stage", "run_export"),
     "si_ks2py.stages.preprocess": ("get_good_channels", "chunk_crossings", "get_whitening_matrix",
-                                   "chunk_covariance", "write_whitened", "whiten_chunk", "filter_traces",
-                                   "column_sums"),
+                                   "chunk_covariance", "write_whitened", "whiten_chunk", "filter_traces"),
     "si_ks2py.stages.reorder": ("extract_pc_from_snippets", "cluster_batches", "batch_distances", "sort_batches"),
     "si_ks2py.stages.learn": ("extract_templates_from_snippets", "seed_templates", "sort_by_channel",
                               "match_and_update"),
@@ -38,7 +37,7 @@ TIMED = {
     "si_ks2py.export.phy": ("write_small_files", "save_rows"),
 }
 #: ops of the op table (timed where the GPU's is used)
-TIMED_OPS = ("to_host", "filtfilt_zero_state", "row_median", "pc_threshold_spikes", "prototype_spikes",
+TIMED_OPS = ("to_host", "column_sums", "filtfilt_zero_state", "row_median", "pc_threshold_spikes", "prototype_spikes",
              "svd_templates", "neighbor_xcorr", "match_pursuit", "accumulate_templates", "pc_features", "pin_host",
              "copy_to_host")
 CHUNKS = ("chunk_crossings", "whiten_chunk")

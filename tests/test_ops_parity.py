@@ -28,7 +28,9 @@ placed at known times, with the W/U/mu shapes of the stages and neighbours/xcorr
   directly over each chunk's channel window: atol DENSE_ATOL of the largest projection.
 - neighbor_xcorr: the NumPy twin correlates by float64 FFT, the GPU by a direct float64 sum: atol 1e-5 of
   the largest correlation.
-- row_median is exact (it sorts the same float32 values).
+- row_median is exact (it sorts the same float32 values); column_sums (the GPU sums slabs of 256 samples, then
+  the slabs, BLAS another order) to rtol 1e-5 plus 1e-6 of the largest column's sum of magnitudes, exact for
+  counts and small integers.
 - Every new GPU op is deterministic: two calls give bitwise equal outputs.
 - End to end (preprocess to extract, 20 s, 32 channels, 8 units) the GPU run's spike count is within 2% of the
   CPU run's and both find the same number of ground-truth units at accuracy >= 0.8.
@@ -106,6 +108,19 @@ def test_row_median(gpu, C):
     x = rng.normal(size=(3000, C)).astype(np.float32)
     x[::7] = np.round(x[::7])  # rows with ties
     np.testing.assert_array_equal(gpu.to_host(gpu.row_median(gpu.asarray(x))), cpu.row_median(x))
+
+
+@pytest.mark.parametrize("n, C", [(65600, 384), (1000, 37), (255, 130), (1, 3)])
+def test_column_sums(gpu, n, C):
+    rng = np.random.default_rng(n + C)
+    x = (rng.normal(size=(n, C)) * 50 + 10).astype(np.float32)
+    got = gpu.to_host(gpu.column_sums(gpu.asarray(x)))
+    assert got.shape == (1, C) and got.dtype == np.float32
+    scale = np.abs(x).sum(axis=0).max()
+    np.testing.assert_allclose(got, cpu.column_sums(x), rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_array_equal(gpu.to_host(gpu.column_sums(gpu.asarray(x))), got)  # deterministic
+    for counted in (x > 40, rng.integers(-3, 4, size=(n, C), dtype=np.int16)):  # counts and integers: exact
+        np.testing.assert_array_equal(gpu.to_host(gpu.column_sums(gpu.asarray(counted))), cpu.column_sums(counted))
 
 
 @pytest.mark.parametrize("axis, hw", [(0, 30), (0, 5), (1, 4), (1, 6)])

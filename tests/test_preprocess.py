@@ -9,7 +9,7 @@ from scipy import signal
 import spikeinterface.core as sc
 from si_ks2py.context import Bunch
 from si_ks2py.cpu import ops
-from si_ks2py.io import WhitenedData, large_host_array, release_whitened
+from si_ks2py.io import WhitenedData, large_host_array, release_whitened, unpin_whitened
 from si_ks2py.pipeline import run
 from si_ks2py.stages.preprocess import butterworth, to_int16
 from conftest import generate_recording
@@ -79,19 +79,20 @@ def test_in_memory_whitened_data_is_read_as_views_and_zero_padded_at_its_ends():
         np.testing.assert_array_equal(whitened.read(ops, start, stop), expected)
 
 
-@pytest.mark.parametrize("pinned", [True, False])
-def test_release_whitened_unpins_the_copy_and_lets_go_of_it_in_the_background(pinned):
+def test_whitened_copy_is_unpinned_and_then_let_go_of_in_the_background():
     copy = np.zeros((1000, 4), np.int16)
-    released, unpinned = threading.Event(), []
+    released, unpinned = threading.Event(), threading.Event()
     weakref.finalize(copy, released.set)  # called once the last reference to the copy is gone
     pinning = Future()
-    pinning.set_result((lambda: unpinned.append(True)) if pinned else None)
+    pinning.set_result(lambda copy=copy: unpinned.set())  # the unpinning holds the copy, as ops.pin_host's does
     ctx = Bunch(whitened=copy, whitened_pinning=pinning)
-    del copy
+    del copy, pinning
+    unpin_whitened(ctx)
+    assert unpinned.wait(5) and ctx.whitened_pinning is None
+    assert ctx.whitened is not None and not released.is_set()  # still read by the stages of this context
     release_whitened(ctx)
-    assert ctx.whitened is None and ctx.whitened_pinning is None  # later reads go to the file
+    assert ctx.whitened is None  # later reads go to the file
     assert released.wait(5)
-    assert unpinned == ([True] if pinned else [])
 
 
 def test_int16_conversion_rounds_and_saturates():

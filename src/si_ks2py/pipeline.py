@@ -24,7 +24,7 @@ from .backend import get_ops
 from .checks import check_recording_values
 from .context import Context, Intermediate, fingerprint
 from .export import queue_batch_figure, run_export
-from .io import release_whitened
+from .io import release_whitened, unpin_whitened
 from .plots import FigureProcess
 from .probe import probe_from_recording
 
@@ -32,7 +32,7 @@ logger = logging.getLogger("si_ks2py")
 
 #: Cached stages in run order (export always runs). Bump a stage's version when its results change.
 STAGES = tuple(s for s in params_module.STAGES if s != "export")
-STAGE_VERSIONS = {"preprocess": 2, "reorder": 6, "learn": 5, "extract": 3, "merge": 1, "split": 4, "cutoff": 1}
+STAGE_VERSIONS = {"preprocess": 3, "reorder": 6, "learn": 5, "extract": 3, "merge": 1, "split": 4, "cutoff": 1}
 
 
 def recording_fingerprint(recording) -> str:
@@ -218,7 +218,7 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
                 queue_batch_figure(ctx.figures, ir)
     finally:
         ir.wait_for_files()  # e.g. the whitened file, written while the later stages ran
-        release_whitened(ctx)  # no stage after these reads the in-memory copy
+        unpin_whitened(ctx)  # no stage after these reads the in-memory copy
     return ctx
 
 
@@ -255,4 +255,5 @@ def run(recording, output_folder, params: dict | None = None, verbose: bool = Tr
             run_stages(ctx, stop_after)
             if stop_after is None:
                 run_export(ctx)
+                release_whitened(ctx)
     return ctx

@@ -89,6 +89,13 @@ def running_min(x, half_width: int, axis: int):
     return ndimage.minimum_filter1d(x, 2 * half_width + 1, axis=axis, mode="constant", cval=np.inf)
 
 
+def column_sums(x):
+    """Sums over axis 0 of x [n, C] (any dtype; exact for counts below 2**24) as float32 [1, C], by BLAS: a
+    reduction along the rows of a time-major batch is several times slower."""
+    x = np.asarray(x)
+    return np.ones((1, x.shape[0]), dtype=np.float32) @ x.astype(np.float32, copy=False)
+
+
 def row_median(x):
     """Median of each row of x [n, C] float32 (the common median reference over channels): [n, 1] float32; for an
     even C the mean of the two middle values."""

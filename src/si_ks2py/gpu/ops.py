@@ -162,34 +162,18 @@ def prefetch_to_device(read, items, depth: int = 2):
 
 @functools.lru_cache(maxsize=None)
 def start_device() -> threading.Thread:
-    """Create the CUDA context, load cuBLAS and load (or compile) the package's kernel modules in background
-    threads, once per process: started with the sort's imports, this runs while the recording is checked instead of
-    delaying the first chunks of preprocessing. The modules load beside the context's creation: the first module
-    CuPy loads in a process costs about 0.2 s more on an H200 (NVRTC compiles an empty source for its cache key,
-    even for kernels from the disk cache) and needs the context only at its end. Preprocessing's module first, as
-    its first chunks need it. The thread returned ends when all is done."""
-    modules = sorted((source.name.removesuffix(".cu") for source in resources.files("si_ks2py.gpu").iterdir()
-                      if source.name.endswith(".cu")), key=lambda name: name != "preprocess")
-
-    def quietly(function):
+    """Create the CUDA context, load cuBLAS and load (or compile) the package's kernel modules in a background
+    thread, once per process: started with the sort's imports, this runs while the recording is checked instead of
+    delaying the first chunk of preprocessing (by about 0.2 s on an H200)."""
+    def start():
         try:
-            function()
+            cp.cuda.runtime.free(0)  # the first runtime call creates the context
+            cp.cuda.device.get_cublas_handle()
+            for source in resources.files("si_ks2py.gpu").iterdir():
+                if source.name.endswith(".cu"):
+                    _module(source.name.removesuffix(".cu")).compile()
         except Exception:  # noqa: BLE001 - the same error, with its message, comes where the sort first uses it
             pass
-
-    def create_context():
-        cp.cuda.runtime.free(0)  # the first runtime call creates the context
-        cp.cuda.device.get_cublas_handle()
-
-    def load_modules():
-        for name in modules:
-            _module(name).compile()
-
-    def start():
-        loader = threading.Thread(target=quietly, args=(load_modules,), name="ks2py-load-modules", daemon=True)
-        loader.start()
-        quietly(create_context)
-        loader.join()
 
     thread = threading.Thread(target=start, name="ks2py-device-start", daemon=True)
     thread.start()
@@ -284,6 +268,24 @@ def running_min(x, half_width: int, axis: int):
 def running_sum(x, half_width: int, axis: int):
     """See si_ks2py.cpu.ops.running_sum."""
     return _running_window(x, half_width, axis, False)
+
+
+_COLUMN_SLAB = 256  # samples a thread of column_partial_sums adds up
+
+
+def column_sums(x):
+    """See si_ks2py.cpu.ops.column_sums (here two kernels, partial sums over slabs of samples then their total in
+    slab order, instead of a cuBLAS product, whose first call in a process takes 0.1 to 0.5 s to load)."""
+    x = _f32(x)
+    n, C = x.shape
+    total = cp.zeros((1, C), dtype=cp.float32)
+    if n and C:
+        n_slabs = (n + _COLUMN_SLAB - 1) // _COLUMN_SLAB
+        partial = cp.empty((n_slabs, C), dtype=cp.float32)
+        _launch("preprocess", "column_partial_sums", (*_blocks(C, 128), n_slabs), (128,),
+                (x, partial, _i32(n), _i32(C), _i32(_COLUMN_SLAB)))
+        _launch("preprocess", "column_total", _blocks(C, 128), (128,), (partial, total, _i32(n_slabs), _i32(C)))
+    return total
 
 
 _MEDIAN_MAX_SORT = 8192  # values a block sorts in shared memory (32 kB); longer rows go to cupy.median

@@ -126,3 +126,28 @@ extern "C" __global__ void row_median(const float* __restrict__ x, float* __rest
     }
     if (threadIdx.x == 0) med[blockIdx.x] = (C & 1) ? v[C / 2] : 0.5f * (v[C / 2 - 1] + v[C / 2]);
 }
+
+// Sums over time of each channel of x [n, C] float32 (time rows), without cuBLAS, whose first matrix product in a
+// process takes 0.1 to 0.5 s to load. column_partial_sums adds each channel over one slab of `rows` samples
+// (threads on consecutive channels: coalesced rows) into partial [n_slabs, C]; column_total adds each channel's
+// partial sums in slab order, so that the result does not depend on scheduling.
+extern "C" __global__ void column_partial_sums(const float* __restrict__ x, float* __restrict__ partial,
+                                               const int n, const int C, const int rows)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const int t1 = min(n, (blockIdx.y + 1) * rows);
+    float sum = 0.0f;
+    for (int t = blockIdx.y * rows; t < t1; t++) sum += x[(size_t)t * C + c];
+    partial[(size_t)blockIdx.y * C + c] = sum;
+}
+
+extern "C" __global__ void column_total(const float* __restrict__ partial, float* __restrict__ total,
+                                        const int n_slabs, const int C)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float sum = 0.0f;
+    for (int s = 0; s < n_slabs; s++) sum += partial[(size_t)s * C + c];
+    total[c] = sum;
+}

@@ -73,12 +73,6 @@ def filter_coefficients(params) -> tuple[np.ndarray, np.ndarray]:
     return butterworth(3, (params.fshigh / nyquist,))
 
 
-def column_sums(xp, x):
-    """Sums over axis 0 of x [n, C] (any dtype; exact for counts below 2**24) as float32 [1, C], by BLAS: a reduction
-    along the rows of a time-major batch is several times slower on the GPU."""
-    return xp.ones((1, x.shape[0]), dtype=xp.float32) @ x.astype(xp.float32, copy=False)
-
-
 def filter_traces(ops, traces, params, coefficients):
     """gpufilter.m: traces [n, Nchan] (any dtype, selected channels, host or device) -> filtered float32
     [n, Nchan] on the device.
@@ -88,7 +82,7 @@ def filter_traces(ops, traces, params, coefficients):
     """
     xp = ops.xp
     x = ops.asarray(traces).astype(xp.float32)
-    x -= column_sums(xp, x) / xp.float32(max(len(x), 1))
+    x -= ops.column_sums(x) / xp.float32(max(len(x), 1))
     if params.CAR and x.shape[1] >= 3:  # the median of one or two channels is (half) the signal itself
         x -= ops.row_median(x)
     return ops.filtfilt_zero_state(x, *coefficients)
@@ -103,15 +97,15 @@ def chunk_crossings(ops, reader: RecordingReader, params, coefficients, window) 
 def crossings(ops, raw, params, coefficients) -> tuple:
     """The counts of chunk_crossings from its raw traces [n, Nchan0] (any dtype, on the device)."""
     xp = ops.xp
-    alive = column_sums(xp, raw != raw[:1])[0] > 0
+    alive = ops.column_sums(raw != raw[:1])[0] > 0
     if raw.shape[0] <= 2 * params.nt0 or params.minfr_goodchannels == 0:
         return ops.to_host(alive), None, 0
     x = filter_traces(ops, raw, params, coefficients)
     n = xp.float32(len(x))
-    std = xp.sqrt(xp.maximum(column_sums(xp, x * x) / n - (column_sums(xp, x) / n) ** 2, 0))
+    std = xp.sqrt(xp.maximum(ops.column_sums(x * x) / n - (ops.column_sums(x) / n) ** 2, 0))
     x /= xp.where(std > 0, std, xp.inf)  # a constant channel becomes zeros: no crossings
     is_min = (x < ops.running_min(x, 30, axis=0) + 1e-3) & (x < params.spkTh)
-    counts = column_sums(xp, is_min[params.nt0 - 1:x.shape[0] - params.nt0])[0].astype(xp.int64)
+    counts = ops.column_sums(is_min[params.nt0 - 1:x.shape[0] - params.nt0])[0].astype(xp.int64)
     return ops.to_host(alive), ops.to_host(counts), x.shape[0]
 
 
