@@ -1,3 +1,4 @@
+import mmap
 import threading
 import weakref
 from concurrent.futures import Future
@@ -7,6 +8,7 @@ import pytest
 from scipy import signal
 
 import spikeinterface.core as sc
+from si_ks2py import io
 from si_ks2py.context import Bunch
 from si_ks2py.cpu import ops
 from si_ks2py.io import WhitenedData, large_host_array, release_whitened, unpin_whitened
@@ -93,6 +95,22 @@ def test_whitened_copy_is_unpinned_and_then_let_go_of_in_the_background():
     release_whitened(ctx)
     assert ctx.whitened is None  # later reads go to the file
     assert released.wait(5)
+
+
+def test_release_whitened_gives_the_pages_of_a_large_host_array_back_slice_by_slice(monkeypatch):
+    monkeypatch.setattr(io, "RELEASE_SLICE", 2 ** 20)
+    copy, populating = large_host_array((5 * 2 ** 19 + 1000, 1), np.int16)  # 5 MiB and a bit
+    for thread in populating:
+        thread.join()
+    copy[:] = 7
+    view = copy[:]  # kept by the test only, to look at the pages once given back
+    release_whitened(Bunch(whitened=copy, whitened_pinning=None))
+    del copy
+    for thread in [t for t in threading.enumerate() if t.name == "ks2py-release"]:
+        thread.join(5)
+    whole_pages = view.nbytes // mmap.PAGESIZE * mmap.PAGESIZE // 2
+    assert not view[:whole_pages].any()  # given back: fresh zero pages
+    assert (view[whole_pages:] == 7).all()  # the last part page is left to the unmapping
 
 
 def test_int16_conversion_rounds_and_saturates():

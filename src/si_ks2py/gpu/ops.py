@@ -21,7 +21,6 @@ from importlib import resources
 import cupy as cp
 import cupyx
 import numpy as np
-from scipy import fft as sfft
 
 xp = cp
 name = "cuda"
@@ -646,7 +645,9 @@ def segment_running_mean(x, counts, sigma: float):
     radius = int(4 * sigma + 0.5)
     position = cp.asarray(np.arange(N) + np.repeat(radius * np.arange(1, len(counts) + 1), counts))
     length = N + radius * (len(counts) + 1)
-    size = sfft.next_fast_len(length + 2 * radius, real=True)
+    from scipy import fft  # here: the sort's import thread would wait for it (0.1 s); the split runs long after
+
+    size = fft.next_fast_len(length + 2 * radius, real=True)
     kernel = cp.exp(-0.5 * (cp.arange(-radius, radius + 1, dtype=cp.float64) / sigma) ** 2)
     spectrum = cp.fft.rfft(kernel, size)
 
