@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import ctypes
+import functools
 import itertools
 import mmap
 import os
@@ -298,11 +298,11 @@ def unpin_whitened(ctx):
 
 def release_whitened(ctx):
     """Let go of the in-memory whitened copy (later reads go to its file) in a background thread, which gives its
-    pages back to the system RELEASE_SLICE bytes at a time (MADV_DONTNEED) before dropping it. Unmapping 7 GB at
-    once took about 1 s in a sort's process on an H200 host, holding the process's memory map for writing all
-    along: done during the export it slowed the export's file writes by about 0.5 s, and right after the sort
-    the caller's own first frees waited 0.4 s for it. Slice by slice the map is held briefly, and for reading.
-    Pages still page-locked go back once unpinned."""
+    pages back to the system RELEASE_SLICE bytes at a time (MADV_DONTNEED) before dropping it. Unmapping 7 GB (of
+    the shared mapping used before) at once took about 1 s in a sort's process on an H200 host, holding the
+    process's memory map for writing all along: done during the export it slowed the export's file writes by
+    about 0.5 s, and right after the sort the caller's own frees waited 0.4 s for it. Slice by slice the map is
+    held briefly, and for reading. Pages still page-locked go back once unpinned."""
     holder, ctx.whitened = [ctx.whitened], None
 
     def release():
