@@ -106,15 +106,15 @@ def record_module_loads(loads: list):
     compiler._compile_module_with_cache = timed
 
 
-def huge_pages_kb() -> str:
-    """The transparent huge page setting and this process's anonymous huge pages (Linux; '' elsewhere)."""
+def huge_pages() -> str:
+    """The transparent huge page setting and this process's resident and huge-page memory (Linux; '' elsewhere)."""
     try:
         enabled = open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip()
         rollup = open("/proc/self/smaps_rollup").read()
     except OSError:
         return ""
-    return f"THP {enabled}; " + "; ".join(line.split(None, 1)[0] + " " + line.split(None, 1)[1].strip()
-                                         for line in rollup.splitlines() if "Huge" in line or line.startswith("Rss"))
+    return f"THP {enabled}; " + "; ".join(" ".join(line.split()) for line in rollup.splitlines()
+                                         if "Huge" in line or line.startswith("Rss"))
 
 
 def release_context(ctx):
@@ -153,7 +153,7 @@ def main(argv=None):
     ctx = run(recording, args.output, {"device": args.device, "progress": False}, verbose=False)
     wall = time.perf_counter() - t0
     print(f"sort {wall:.2f} s; stages: " + ", ".join(f"{k} {v:.2f}" for k, v in ctx.timings.items()))
-    print(f"  memory at the end: {huge_pages_kb()}")
+    print(f"  memory at the end: {huge_pages()}")
     release_context(ctx)
     calls = defaultdict(list)
     for name, start, end in events:
