@@ -11,7 +11,6 @@ the projections B [n, K] float32 of match_pursuit, its dense templates [K, nt0, 
 
 from __future__ import annotations
 
-import atexit
 import collections
 import functools
 import logging
@@ -23,15 +22,9 @@ import cupy as cp
 import cupyx
 import numpy as np
 
-from . import compiler_keys
-
 xp = cp
 name = "cuda"
 logger = logging.getLogger("si_ks2py")
-
-# a fresh process's first kernel then comes from CuPy's disk cache without waiting for NVRTC to start
-compiler_keys.restore()
-atexit.register(compiler_keys.save)
 
 
 @functools.lru_cache(maxsize=None)

@@ -163,30 +163,26 @@ def batch_distances(xp, Ws, mus, ns, Whs, iC, neighbours):
     return ccb
 
 
-def sort_batches(ops, ccb0: np.ndarray) -> np.ndarray:
-    """sortBatches2.m: a 1-D embedding of the batches whose distances log(1 + dx^2) fit ccb0 [Nbatch, Nbatch]
-    (host, float64); returns iorig. The 200 gradient steps run on the device of ``ops`` (a few dozen small ops
-    each: on the host they took 0.17 s of a GPU sort).
+def sort_batches(ccb0: np.ndarray) -> np.ndarray:
+    """sortBatches2.m: a 1-D embedding of the batches whose distances log(1 + dx^2) fit ccb0; returns iorig.
 
     The leading eigenvector's sign is chosen so the order runs forward in time where it can (Kilosort left it
     to the eigensolver), which makes the order repeatable.
     """
-    xp = ops.xp
     n = len(ccb0)
     values, vectors = np.linalg.eigh(ccb0)
     u = vectors[:, np.argmax(np.abs(values))]
     if np.dot(u, np.arange(n) - (n - 1) / 2) < 0:
         u = -u
-    xs = ops.asarray(0.01 * u / u.std(ddof=1))
-    target = ops.asarray(ccb0)
+    xs = 0.01 * u / u.std(ddof=1)
     for _ in range(200):
         dx = xs[:, None] - xs[None, :]
         ds = dx ** 2
-        err = target - xp.log1p(ds)
+        err = ccb0 - np.log1p(ds)
         err = (err - err.mean()) / (1 + ds)
         g = err * dx
         xs = xs - (-g.mean(axis=1) + g.mean(axis=0))
-    return np.argsort(ops.to_host(xs), kind="stable")
+    return np.argsort(xs, kind="stable")
 
 
 def zscore_columns(ccb: np.ndarray) -> np.ndarray:
@@ -281,7 +277,7 @@ def run(ctx):
     with np.errstate(invalid="ignore", divide="ignore"):
         ccb = ops.to_host(batch_distances(xp, Ws, mus, ns, Whs, iC_d, neighbours_d))
     ccb0 = zscore_columns(ccb)
-    iorig, n_active = active_last(sort_batches(ops, ccb0), counts)
+    iorig, n_active = active_last(sort_batches(ccb0), counts)
     if n_active < p.Nbatch:
         logger.info("reorder: %d of %d batches hold almost no spikes; learning starts among the others",
                     p.Nbatch - n_active, p.Nbatch)
