@@ -69,6 +69,32 @@ def test_large_host_array_keeps_what_is_written_while_its_pages_are_faulted_in()
     np.testing.assert_array_equal(array, data)
 
 
+def test_large_host_array_is_faulted_in_by_slices_that_cover_it(monkeypatch):
+    """One madvise call holds the process's memory map: each call covers at most POPULATE_SLICE bytes, and the
+    calls together cover the array once."""
+    calls = []
+    madvise = io.libc_madvise()
+    if madvise is None:
+        pytest.skip("no madvise on this system")
+
+    def recorded(address, length, advice):
+        calls.append((address, length, advice))
+        return madvise(address, length, advice)
+
+    monkeypatch.setattr(io, "libc_madvise", lambda: recorded)
+    monkeypatch.setattr(io, "POPULATE_SLICE", 2 ** 21)
+    array, populating = large_host_array((5 * 2 ** 20 + 12345,), np.int16)  # 10 MiB and a bit
+    for thread in populating:
+        thread.join()
+    calls = sorted(call for call in calls if call[2] == io.MADV_POPULATE_WRITE)
+    assert all(length <= 2 ** 21 for _, length, _ in calls)
+    start = array.ctypes.data
+    for address, length, _ in calls:
+        assert address == start
+        start += length
+    assert start == array.ctypes.data + array.nbytes
+
+
 def test_in_memory_whitened_data_is_read_as_views_and_zero_padded_at_its_ends():
     data = np.arange(50 * 3, dtype=np.int16).reshape(50, 3)
     whitened = WhitenedData(data, 50, 3, scaleproc=200.0)

@@ -159,6 +159,9 @@ MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in, writable, without cha
 POPULATE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 HUGE_PAGE = 2 ** 21
 RELEASE_SLICE = 2 ** 28  # bytes of a large array given back to the system per madvise call
+# bytes faulted in per madvise call: the call holds the process's memory map (for reading) throughout, and a thread
+# that maps memory (a new thread's stack, a large allocation) waits for it, and every page fault then waits too
+POPULATE_SLICE = 2 ** 26
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,8 +184,9 @@ def large_host_array(shape, dtype) -> tuple[np.ndarray, list[threading.Thread]]:
 
     The first write to a fresh page otherwise costs about as much as the copy itself (the kernel zeroes it). The
     array is mapped with transparent huge pages where the system offers them (one fault per 2 MB instead of per
-    4 kB), and MADV_POPULATE_WRITE faults them in, POPULATE_WORKERS slices side by side, without touching what
-    was already written; where the kernel lacks either, the array is an ordinary one.
+    4 kB), and MADV_POPULATE_WRITE faults them in, POPULATE_WORKERS ranges side by side, POPULATE_SLICE bytes per
+    call, without touching what was already written; where the kernel lacks either, the array is an ordinary
+    one.
     """
     count = int(np.prod(shape))
     nbytes = max(1, count * np.dtype(dtype).itemsize)
@@ -198,13 +202,17 @@ def large_host_array(shape, dtype) -> tuple[np.ndarray, list[threading.Thread]]:
     if madvise is None:
         return array, threads
     address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-    # slices of whole huge pages (the mapping starts on a page boundary), the last one up to the end
+
+    def populate(start, stop):
+        for offset in range(start, stop, POPULATE_SLICE):
+            madvise(address + offset, min(POPULATE_SLICE, stop - offset), MADV_POPULATE_WRITE)
+
+    # ranges of whole huge pages (the mapping starts on a page boundary), the last one up to the end
     bounds = [min(nbytes, -(-nbytes * i // POPULATE_WORKERS // HUGE_PAGE) * HUGE_PAGE)
               for i in range(POPULATE_WORKERS + 1)]
     for start, stop in itertools.pairwise(bounds):
         if stop > start:
-            threads.append(threading.Thread(target=madvise, daemon=True,
-                                            args=(address + start, stop - start, MADV_POPULATE_WRITE)))
+            threads.append(threading.Thread(target=populate, args=(start, stop), daemon=True))
             threads[-1].start()
     return array, threads
 

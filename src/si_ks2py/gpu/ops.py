@@ -1,8 +1,8 @@
 """CuPy ops (same names, signatures and outputs as the NumPy twins in si_ks2py.cpu.ops).
 
 Kernels live in the .cu files of this package (preprocess.cu, detect.cu, pursuit.cu, templates.cu, split.cu) and
-are compiled once per process with cupy.RawModule (CuPy also caches the binaries on disk). Matrix products go
-through cuBLAS (``@``).
+are compiled once per process with cupy.RawModule (kernels.py; CuPy also caches the binaries on disk). Matrix
+products go through cuBLAS (``@``). The split's per-segment ops are in segments.py and part of this table.
 
 Memory depends on the batch size n, the channel count C and the template count K only: the largest buffers are
 the projections B [n, K] float32 of match_pursuit, its dense templates [K, nt0, C] float32 and correlate_valid's
@@ -22,51 +22,17 @@ import cupy as cp
 import cupyx
 import numpy as np
 
+from .kernels import MAX_SHARED_BYTES, blocks, f32, i32, i64, launch, module
+from .segments import segment_em_step, segment_gram, segment_running_mean, segment_sum  # noqa: F401 (op table)
+
 xp = cp
 name = "cuda"
 logger = logging.getLogger("si_ks2py")
 
 
-@functools.lru_cache(maxsize=None)
-def _module(file: str):
-    source = resources.files("si_ks2py.gpu").joinpath(f"{file}.cu").read_text()
-    return cp.RawModule(code=source, options=("--std=c++17",))
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(file: str, function: str):
-    return _module(file).get_function(function)  # looked up once: a lookup costs about as much as a launch
-
-
-def _blocks(n: int, threads: int) -> tuple[int]:
-    return ((n + threads - 1) // threads,)
-
-
-_DEFAULT_SHARED_BYTES = 48 * 1024
 _CV_TT = 64  # window starts per block of correlate_valid (CV_TT in detect.cu)
 _PS_MAXSUM, _PS_TILE = 8, 4  # PS_MAXSUM, PS_TILE in detect.cu
 _PS_SHARED_BYTES = 64 * 1024  # staged rows of one prototype_scores block (a tile of window starts)
-_MAX_SHARED_BYTES = 227 * 1024  # dynamic shared memory of a block (compute capability 8.0 and later)
-
-
-def _launch(file: str, function: str, grid, block, args, shared_mem: int = 0):
-    kernel = _kernel(file, function)
-    if shared_mem > _DEFAULT_SHARED_BYTES:
-        kernel.max_dynamic_shared_size_bytes = shared_mem
-    kernel(tuple(int(g) for g in grid), tuple(block), args, shared_mem=shared_mem)
-
-
-def _f32(a):
-    return cp.ascontiguousarray(cp.asarray(a, dtype=cp.float32))
-
-
-def _i64(a):
-    return cp.ascontiguousarray(cp.asarray(a, dtype=cp.int64))
-
-
-def _i32(v) -> np.int32:
-    return np.int32(v)
-
 
 _PINNED_RANGE = (2 ** 20, 2 ** 28)  # bytes: transfers that gain from page-locked host memory, none that stay long
 
@@ -170,7 +136,7 @@ def start_device() -> threading.Thread:
             cp.cuda.device.get_cublas_handle()
             for source in resources.files("si_ks2py.gpu").iterdir():
                 if source.name.endswith(".cu"):
-                    _module(source.name.removesuffix(".cu")).compile()
+                    module(source.name.removesuffix(".cu")).compile()
         except Exception:  # noqa: BLE001 - the same error, with its message, comes where the sort first uses it
             pass
 
@@ -192,7 +158,7 @@ def worker_stream():
 def release_memory():
     """Give the memory CuPy's pool keeps for reuse back to the GPU (between stages: each stage's buffers have
     other sizes, so what one stage kept would only add to the next one's peak)."""
-    cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_memory_pool().free_allblocks()
 
 
 _IIR_SEGMENT = 256  # samples per segment of the block-parallel IIR filter
@@ -237,11 +203,11 @@ def filtfilt_zero_state(x, b, a):
     z_start = cp.empty_like(z_end)
     source = x
     for backward in (0, 1):
-        args = (_i32(order), _i32(n), _i32(C), _i32(L), _i32(backward))
-        _launch("preprocess", "iir_segments", _blocks(n_seg * C, 256), (256,), (source, y, b_d, a_d, z_end) + args)
-        _launch("preprocess", "iir_carry", _blocks(C, 64), (64,),
-                (z_end, phi, z_start, _i32(order), _i32(n_seg), _i32(C)))
-        _launch("preprocess", "iir_correct", _blocks(n * C, 256), (256,), (y, z_start, h) + args)
+        args = (i32(order), i32(n), i32(C), i32(L), i32(backward))
+        launch("preprocess", "iir_segments", blocks(n_seg * C, 256), (256,), (source, y, b_d, a_d, z_end) + args)
+        launch("preprocess", "iir_carry", blocks(C, 64), (64,),
+                (z_end, phi, z_start, i32(order), i32(n_seg), i32(C)))
+        launch("preprocess", "iir_correct", blocks(n * C, 256), (256,), (y, z_start, h) + args)
         source = y
     return y
 
@@ -252,10 +218,8 @@ def _running_window(x, half_width: int, axis: int, use_min: bool):
     outer = int(np.prod(x.shape[:axis]))
     inner = int(np.prod(x.shape[axis + 1:]))
     y = cp.empty_like(x)
-    _kernel("preprocess", "running_window")(
-        _blocks(x.size, 256), (256,),
-        (x, y, np.int32(outer), np.int32(n), np.int32(inner), np.int32(half_width), np.int32(use_min)),
-    )
+    launch("preprocess", "running_window", blocks(x.size, 256), (256,),
+           (x, y, i32(outer), i32(n), i32(inner), i32(half_width), i32(use_min)))
     return y
 
 
@@ -275,15 +239,15 @@ _COLUMN_SLAB = 256  # samples a thread of column_partial_sums adds up
 def column_sums(x):
     """See si_ks2py.cpu.ops.column_sums (here two kernels, partial sums over slabs of samples then their total in
     slab order, instead of a cuBLAS product, whose first call in a process takes 0.1 to 0.5 s to load)."""
-    x = _f32(x)
+    x = f32(x)
     n, C = x.shape
     total = cp.zeros((1, C), dtype=cp.float32)
     if n and C:
         n_slabs = (n + _COLUMN_SLAB - 1) // _COLUMN_SLAB
         partial = cp.empty((n_slabs, C), dtype=cp.float32)
-        _launch("preprocess", "column_partial_sums", (*_blocks(C, 128), n_slabs), (128,),
-                (x, partial, _i32(n), _i32(C), _i32(_COLUMN_SLAB)))
-        _launch("preprocess", "column_total", _blocks(C, 128), (128,), (partial, total, _i32(n_slabs), _i32(C)))
+        launch("preprocess", "column_partial_sums", (*blocks(C, 128), n_slabs), (128,),
+                (x, partial, i32(n), i32(C), i32(_COLUMN_SLAB)))
+        launch("preprocess", "column_total", blocks(C, 128), (128,), (partial, total, i32(n_slabs), i32(C)))
     return total
 
 
@@ -293,20 +257,20 @@ _MEDIAN_MAX_SORT = 8192  # values a block sorts in shared memory (32 kB); longer
 def row_median(x):
     """See si_ks2py.cpu.ops.row_median (one block per row sorts it in shared memory: CuPy's median sorts the whole
     batch with a global merge sort, several times slower)."""
-    x = _f32(x)
+    x = f32(x)
     n, C = x.shape
     P = 1 << max(0, (C - 1).bit_length())
     if P > _MEDIAN_MAX_SORT:
         return cp.median(x, axis=1, keepdims=True)
     med = cp.empty((n, 1), dtype=cp.float32)
     if n and C:
-        _launch("preprocess", "row_median", (n,), (128,), (x, med, _i32(C), _i32(P)), 4 * P)
+        launch("preprocess", "row_median", (n,), (128,), (x, med, i32(C), i32(P)), 4 * P)
     return med
 
 
 def correlate_valid(x, filters):
     """See si_ks2py.cpu.ops.correlate_valid (here a direct sum over the nt0 taps, not an FFT)."""
-    x, filters = _f32(x), _f32(filters)
+    x, filters = f32(x), f32(filters)
     n, C = x.shape
     nt0, F = filters.shape
     out = cp.empty((n, C, F), dtype=cp.float32)
@@ -314,8 +278,8 @@ def correlate_valid(x, filters):
         return out
     shared = 4 * (nt0 * F + (_CV_TT + nt0 - 1) * 32)
     kernel = "correlate_valid4" if F <= 4 else "correlate_valid8"  # filters per pass
-    _launch("detect", kernel, ((n + _CV_TT - 1) // _CV_TT, (C + 31) // 32), (32, 8),
-            (x, filters, out, _i32(n), _i32(C), _i32(nt0), _i32(F)), shared)
+    launch("detect", kernel, ((n + _CV_TT - 1) // _CV_TT, (C + 31) // 32), (32, 8),
+            (x, filters, out, i32(n), i32(C), i32(nt0), i32(F)), shared)
     return out
 
 
@@ -324,14 +288,14 @@ def _peaks(err, threshold, lockout):
     n = err.shape[0]
     flags = cp.empty(n, dtype=cp.uint8)
     if n:
-        _launch("pursuit", "peak_flags", _blocks(n, 256), (256,),
-                (err, flags, _i32(n), _i32(lockout), np.float32(threshold * threshold)))
+        launch("pursuit", "peak_flags", blocks(n, 256), (256,),
+                (err, flags, i32(n), i32(lockout), np.float32(threshold * threshold)))
     return cp.flatnonzero(flags)
 
 
 def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
     """See si_ks2py.cpu.ops.pc_threshold_spikes."""
-    data, wPCA, iC = _f32(data), _f32(wPCA), _i64(iC)
+    data, wPCA, iC = f32(data), f32(wPCA), i64(iC)
     n, C = data.shape
     nt0, P = wPCA.shape
     n_near = iC.shape[1]
@@ -341,12 +305,12 @@ def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
     wmax = cp.empty((n, C), dtype=cp.float32)
     flags = cp.zeros((n, C), dtype=cp.uint8)
     if total:
-        grid = _blocks(total, 256)
-        _launch("detect", "projection_norm", grid, (256,), (projections, norm, np.int64(total), _i32(P)))
-        _launch("detect", "window_max_above", grid, (256,),
-                (norm, wmax, _i32(n), _i32(C), _i32(nt0), np.float32(threshold)))
-        _launch("detect", "pc_peak_flags", grid, (256,),
-                (norm, wmax, iC, flags, _i32(n), _i32(C), _i32(nt0), _i32(nt0min), _i32(n_near),
+        grid = blocks(total, 256)
+        launch("detect", "projection_norm", grid, (256,), (projections, norm, np.int64(total), i32(P)))
+        launch("detect", "window_max_above", grid, (256,),
+                (norm, wmax, i32(n), i32(C), i32(nt0), np.float32(threshold)))
+        launch("detect", "pc_peak_flags", grid, (256,),
+                (norm, wmax, iC, flags, i32(n), i32(C), i32(nt0), i32(nt0min), i32(n_near),
                  np.float32(threshold)))
     index = cp.flatnonzero(flags)  # row-major: sorted by (time, channel)
     t, c = index // C, index % C
@@ -356,7 +320,7 @@ def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
 
 def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spacing: int = 5):
     """See si_ks2py.cpu.ops.prototype_spikes."""
-    data, wTEMP, iC = _f32(data), _f32(wTEMP), _i64(iC)
+    data, wTEMP, iC = f32(data), f32(wTEMP), i64(iC)
     n, C = data.shape
     nt0, R = wTEMP.shape
     if n_sum > _PS_MAXSUM:
@@ -368,23 +332,23 @@ def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spac
     if n and C:
         filtered = correlate_valid(data, wTEMP)  # [n, C, R]
         table = cp.empty((n_sum * (n_sum + 1) // 2, C), dtype=cp.int32)
-        _launch("detect", "sorted_nearest", _blocks(C, 128), (128,),
-                (iC, table, _i32(C), _i32(iC.shape[1]), _i32(n_sum)))
+        launch("detect", "sorted_nearest", blocks(C, 128), (128,),
+                (iC, table, i32(C), i32(iC.shape[1]), i32(n_sum)))
         row_bytes = 4 * R * (C + 1)
         tile = max(1, min(_PS_TILE, _PS_SHARED_BYTES // row_bytes))
-        if tile * row_bytes > _MAX_SHARED_BYTES:
+        if tile * row_bytes > MAX_SHARED_BYTES:
             raise ValueError(f"prototype_spikes: {C} channels x {R} prototypes exceed the GPU's shared memory")
         threads = min(512, (C + 31) // 32 * 32)
-        _launch("detect", "prototype_scores", ((n + tile - 1) // tile,), (threads,),
-                (filtered, table, err, channel, _i32(n), _i32(C), _i32(R), _i32(n_sum), _i32(nt0), _i32(tile)),
+        launch("detect", "prototype_scores", ((n + tile - 1) // tile,), (threads,),
+                (filtered, table, err, channel, i32(n), i32(C), i32(R), i32(n_sum), i32(nt0), i32(tile)),
                 tile * row_bytes)
         del filtered
     t = _peaks(err, threshold, nt0 - 1)
     c, x = channel[t], err[t]
     keep = cp.ones(len(t), dtype=cp.uint8)
     if len(t):
-        _launch("detect", "cleanup_heights", _blocks(len(t), 128), (128,),
-                (c, x, keep, _i32(len(t)), _i32(channel_spacing)))
+        launch("detect", "cleanup_heights", blocks(len(t), 128), (128,),
+                (c, x, keep, i32(len(t)), i32(channel_spacing)))
     keep = keep.astype(bool)
     return t[keep], c[keep]
 
@@ -395,8 +359,8 @@ def _dense_templates(W, U):
     C = U.shape[1]
     T = cp.empty((K, nt0, C), dtype=cp.float32)
     if T.size:
-        _launch("pursuit", "dense_templates", _blocks(T.size, 256), (256,),
-                (W, U, T, _i32(K), _i32(nt0), _i32(C), _i32(R)))
+        launch("pursuit", "dense_templates", blocks(T.size, 256), (256,),
+                (W, U, T, i32(K), i32(nt0), i32(C), i32(R)))
     return T
 
 
@@ -415,7 +379,7 @@ def _template_projections(data, W, U):
     B = cp.empty((n, K), dtype=cp.float32)
     chunks = (K + _PJ_TEMPLATES - 1) // _PJ_TEMPLATES
     window = cp.empty(2 * chunks, dtype=cp.int32)
-    _launch("pursuit", "projection_windows", (chunks,), (256,), (U, window, _i32(K), _i32(C), _i32(R)))
+    launch("pursuit", "projection_windows", (chunks,), (256,), (U, window, i32(K), i32(C), i32(R)))
     Wt = cp.ascontiguousarray(W.transpose(1, 2, 0))  # [nt0, R, K]
 
     def shared_bytes(tile):
@@ -423,10 +387,10 @@ def _template_projections(data, W, U):
         return 4 * (rows * (_PJ_TEMPLATES * R + _PJ_SLAB) + _PJ_TEMPLATES * (_PJ_SLAB * R + 1))
 
     tile = _PJ_MAX_TILE
-    while tile > 8 and shared_bytes(tile) > _MAX_SHARED_BYTES:
+    while tile > 8 and shared_bytes(tile) > MAX_SHARED_BYTES:
         tile -= 8
-    _launch("pursuit", "template_projections", ((n + tile - 1) // tile, chunks), (32, 8),
-            (data, U, Wt, window, B, _i32(n), _i32(C), _i32(K), _i32(nt0), _i32(R), _i32(tile)), shared_bytes(tile))
+    launch("pursuit", "template_projections", ((n + tile - 1) // tile, chunks), (32, 8),
+            (data, U, Wt, window, B, i32(n), i32(C), i32(K), i32(nt0), i32(R), i32(tile)), shared_bytes(tile))
     return B
 
 
@@ -445,17 +409,17 @@ def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
     if nt0 > _ALIGN_MAX_T or R > _ALIGN_MAX_R or nup > _ALIGN_MAX_NUP:
         raise ValueError(f"svd_templates takes nt0 <= {_ALIGN_MAX_T}, rank <= {_ALIGN_MAX_R} and <= {_ALIGN_MAX_NUP} "
                          f"sub-sample shifts, got {nt0}, {R} and {nup}")
-    iC, iW = _i64(iC), _i64(iW)
+    iC, iW = i64(iC), i64(iW)
     n_near = iC.shape[1]
     gram = cp.empty((K, nt0, nt0), dtype=cp.float64)
-    _launch("templates", "neighbourhood_gram", (K,), (256,), (dWU, iC, iW, gram, _i32(nt0), _i32(C), _i32(n_near)),
+    launch("templates", "neighbourhood_gram", (K,), (256,), (dWU, iC, iW, gram, i32(nt0), i32(C), i32(n_near)),
             8 * nt0 * n_near)
     vectors = cp.ascontiguousarray(cp.linalg.eigh(gram)[1])  # [K, nt0, nt0], eigenvectors as columns
     W, U, mu = cp.empty((K, nt0, R)), cp.empty((K, C, R)), cp.empty(K)
-    _launch("templates", "align_templates", (K,), (128,),
+    launch("templates", "align_templates", (K,), (128,),
             (vectors, dWU, iC, iW, cp.ascontiguousarray(Ka, dtype=cp.float64),
-             cp.ascontiguousarray(Kb, dtype=cp.float64), W, U, mu, _i32(nt0), _i32(C), _i32(n_near), _i32(R),
-             _i32(nup), _i32(nt0min)))
+             cp.ascontiguousarray(Kb, dtype=cp.float64), W, U, mu, i32(nt0), i32(C), i32(n_near), i32(R),
+             i32(nup), i32(nt0min)))
     return W, U, mu
 
 
@@ -464,15 +428,15 @@ _XC_THREADS, _XC_MAX_RANK = 128, 8  # XC_THREADS, XC_MAX_RANK in pursuit.cu
 
 def neighbor_xcorr(W, U, neighbors):
     """See si_ks2py.cpu.ops.neighbor_xcorr (here one kernel: a direct sum over the lags, not an FFT)."""
-    W, U, neighbors = _f32(W), _f32(U), _i64(neighbors)
+    W, U, neighbors = f32(W), f32(U), i64(neighbors)
     K, nt0, R = W.shape
     M = neighbors.shape[1] if neighbors.ndim == 2 else 0
     if R > _XC_MAX_RANK:
         raise ValueError(f"neighbor_xcorr takes templates of rank <= {_XC_MAX_RANK}, got {R}")
     X = cp.empty((K, M, 2 * nt0 - 1), dtype=cp.float32)
     if X.size:
-        _launch("pursuit", "neighbor_xcorr", (K * M,), (_XC_THREADS,),
-                (W, U, neighbors, X, _i32(K), _i32(M), _i32(nt0), _i32(U.shape[1]), _i32(R)), 8 * nt0 * R)
+        launch("pursuit", "neighbor_xcorr", (K * M,), (_XC_THREADS,),
+                (W, U, neighbors, X, i32(K), i32(M), i32(nt0), i32(U.shape[1]), i32(R)), 8 * nt0 * R)
     return X
 
 
@@ -490,18 +454,18 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     iteration's spikes go to a list of fixed capacity (peaks are more than nt0 - 1 apart) with its count on the
     device; one host synchronisation per call, at the end, reads the counts.
     """
-    data = _f32(data)
+    data = f32(data)
     n, C = data.shape
-    W = _f32(W)
+    W = f32(W)
     K, nt0, R = W.shape
-    ftemp = None if feature_templates is None else _i64(feature_templates)
+    ftemp = None if feature_templates is None else i64(feature_templates)
     n_near = 0 if ftemp is None else ftemp.shape[1]
     last = n - nt0
     if K == 0 or last < 0 or n_iter <= 0:
         st = cp.zeros(0, dtype=cp.int64)
         return (st, st.copy(), cp.zeros(0, cp.float32), cp.zeros(0, cp.float32), data.copy(),
                 None if ftemp is None else cp.zeros((0, n_near if K else 0), dtype=cp.float32))
-    U, mu, neighbors, xcorr = _f32(U), _f32(mu), _i64(neighbors), _f32(xcorr)
+    U, mu, neighbors, xcorr = f32(U), f32(mu), i64(neighbors), f32(xcorr)
     M = neighbors.shape[1]
     templates = _dense_templates(W, U)
     B = _template_projections(data, W, U)
@@ -510,8 +474,8 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     denom = np.float32(1 + lam)
     err = cp.zeros(n, dtype=cp.float32)
     ftype = cp.zeros(n, dtype=cp.int32)
-    _launch("pursuit", "cost_all", _blocks((last + 1) * 32, 256), (256,),
-            (B, lam_mu, lmm, err, ftype, _i32(last), _i32(K), denom))
+    launch("pursuit", "cost_all", blocks((last + 1) * 32, 256), (256,),
+            (B, lam_mu, lmm, err, ftype, i32(last), i32(K), denom))
     residual = data.copy()
     capacity = last // nt0 + 1
     st_all = cp.empty((n_iter, capacity), dtype=cp.int64)
@@ -522,11 +486,11 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     counts = cp.zeros(n_iter, dtype=cp.int32)
     grid = _sm_count(cp.cuda.Device().id)  # one block per SM: every block resident (the loop's barrier needs it)
     scratch = (cp.empty(n, dtype=cp.uint8), cp.empty(grid, dtype=cp.int32), cp.zeros(2, dtype=cp.uint32))
-    _launch("pursuit", "pursuit_loop", (grid,), (1024,),
+    launch("pursuit", "pursuit_loop", (grid,), (1024,),
             (B, err, ftype, residual, templates, lam_mu, lmm, mu, neighbors, xcorr,
              ftemp if ftemp is not None else neighbors) + scratch
-            + (st_all, ids_all, y_all, x_all, feat_all, counts, _i32(n), _i32(C), _i32(K), _i32(nt0), _i32(M),
-               _i32(n_near), _i32(n_iter), _i32(capacity), np.float32(threshold * threshold), np.float32(lam), denom))
+            + (st_all, ids_all, y_all, x_all, feat_all, counts, i32(n), i32(C), i32(K), i32(nt0), i32(M),
+               i32(n_near), i32(n_iter), i32(capacity), np.float32(threshold * threshold), np.float32(lam), denom))
     found = to_host(counts).astype(np.int64)
     total = int(found.sum())
     # the spikes of every iteration, one flat index into the [n_iter, capacity] lists
@@ -541,7 +505,7 @@ def accumulate_templates(residual, st, ids, y, W, U, n_templates: int, selected=
     """See si_ks2py.cpu.ops.accumulate_templates: each template's spikes summed in (template, time) order, in
     float64, one thread per output element (no atomics). Unselected spikes are sorted past the last template
     (no wait for their count)."""
-    residual, st, ids, y, W, U = _f32(residual), _i64(st), _i64(ids), _f32(y), _f32(W), _f32(U)
+    residual, st, ids, y, W, U = f32(residual), i64(st), i64(ids), f32(y), f32(W), f32(U)
     if selected is not None:
         ids = cp.where(cp.asarray(selected, dtype=bool), ids, n_templates)
     n, C = residual.shape
@@ -557,15 +521,15 @@ def accumulate_templates(residual, st, ids, y, W, U, n_templates: int, selected=
     starts = cp.searchsorted(ids[order], cp.arange(n_templates + 1, dtype=cp.int64), side="left")
     counts = cp.diff(starts)  # (bincount would wait for the largest id)
     if dwu.size:
-        _launch("pursuit", "accumulate_templates", _blocks(dwu.size, 256), (256,),
-                (residual, st_sorted, y_sorted, starts, W, U, dwu, _i32(n_templates), _i32(nt0), _i32(C), _i32(R)))
+        launch("pursuit", "accumulate_templates", blocks(dwu.size, 256), (256,),
+                (residual, st_sorted, y_sorted, starts, W, U, dwu, i32(n_templates), i32(nt0), i32(C), i32(R)))
     return dwu, counts
 
 
 def pc_features(residual, st, ids, y, W, U, channels, wPCA):
     """See si_ks2py.cpu.ops.pc_features."""
-    residual, st, ids, y, W, U = _f32(residual), _i64(st), _i64(ids), _f32(y), _f32(W), _f32(U)
-    channels, wPCA = _i64(channels), _f32(wPCA)
+    residual, st, ids, y, W, U = f32(residual), i64(st), i64(ids), f32(y), f32(W), f32(U)
+    channels, wPCA = i64(channels), f32(wPCA)
     nt0 = W.shape[1]
     P, J = wPCA.shape[1], channels.shape[1]
     C = residual.shape[1]
@@ -575,104 +539,11 @@ def pc_features(residual, st, ids, y, W, U, channels, wPCA):
     out = cp.empty((S, P, J), dtype=cp.float32)
     if out.size == 0:
         return out
-    own = _f32(cp.einsum("ktr,kjr,tp->kpj", W, cp.take_along_axis(U, channels[:, :, None], axis=1), wPCA))
-    _launch("pursuit", "pc_features", _blocks(S * J, 128), (128,),
-            (residual, st, ids, y, channels, wPCA, own, out, _i32(S), _i32(nt0), _i32(C), _i32(P), _i32(J)))
+    own = f32(cp.einsum("ktr,kjr,tp->kpj", W, cp.take_along_axis(U, channels[:, :, None], axis=1), wPCA))
+    launch("pursuit", "pc_features", blocks(S * J, 128), (128,),
+            (residual, st, ids, y, channels, wPCA, own, out, i32(S), i32(nt0), i32(C), i32(P), i32(J)))
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # splits
-
-_SPLIT_THREADS = 512  # SPLIT_THREADS in split.cu
-_SEGMENT_CHUNK = 256  # rows per chunk of the segment sums and Gram matrices
-_RUNNING_MEAN_BYTES = 2 ** 27  # FFT buffer of one group of columns in segment_running_mean
-
-
-@functools.lru_cache(maxsize=8)
-def _segment_layout(counts_bytes: bytes):
-    """(row bounds [S + 1], chunk bounds [S + 1], destination of each row in the zero-padded chunk layout [N],
-    chunk count), the first three on the device: each segment padded to whole chunks of _SEGMENT_CHUNK rows."""
-    counts = np.frombuffer(counts_bytes, dtype=np.int64)
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    chunk_bounds = np.concatenate([[0], np.cumsum((counts + _SEGMENT_CHUNK - 1) // _SEGMENT_CHUNK)])
-    destination = np.arange(bounds[-1]) + np.repeat(chunk_bounds[:-1] * _SEGMENT_CHUNK - bounds[:-1], counts)
-    return cp.asarray(bounds), cp.asarray(chunk_bounds), cp.asarray(destination), int(chunk_bounds[-1])
-
-
-def _layout(counts):
-    return _segment_layout(np.ascontiguousarray(counts, dtype=np.int64).tobytes())
-
-
-def _chunked(x, counts):
-    """x [N, ...] as [n_chunks, _SEGMENT_CHUNK, ...], each segment zero-padded to whole chunks."""
-    _, _, destination, n_chunks = _layout(counts)
-    padded = cp.zeros((n_chunks * _SEGMENT_CHUNK,) + x.shape[1:], dtype=x.dtype)
-    padded[destination] = x
-    return padded.reshape((n_chunks, _SEGMENT_CHUNK) + x.shape[1:])
-
-
-def _sum_chunks(partial, counts):
-    """[S, ...]: each segment's chunk partials [n_chunks, ...] summed in chunk order."""
-    _, chunk_bounds, _, n_chunks = _layout(counts)
-    S, E = len(counts), int(np.prod(partial.shape[1:]))
-    out = cp.empty((S,) + partial.shape[1:], dtype=cp.float64)
-    if out.size:
-        _launch("split", "sum_chunks", _blocks(S * E, 256), (256,),
-                (cp.ascontiguousarray(partial, dtype=cp.float64), chunk_bounds, out, _i32(S), np.int64(E)))
-    return out
-
-
-def segment_sum(x, counts):
-    """See si_ks2py.cpu.ops.segment_sum (chunk sums, then each segment's chunks added in order)."""
-    x = cp.asarray(x, dtype=cp.float64)
-    return _sum_chunks(_chunked(x, counts).sum(axis=1), counts)
-
-
-def segment_gram(x, counts, weight):
-    """See si_ks2py.cpu.ops.segment_gram (one batched cuBLAS product per chunk, then the chunks added in order)."""
-    x = cp.asarray(x, dtype=cp.float64)
-    weighted = _chunked(x * cp.asarray(weight, dtype=cp.float64)[:, None], counts)
-    return _sum_chunks(cp.matmul(weighted.transpose(0, 2, 1), _chunked(x, counts)), counts)
-
-
-def segment_running_mean(x, counts, sigma: float):
-    """See si_ks2py.cpu.ops.segment_running_mean: one cuFFT convolution for all segments, laid out with `radius`
-    zero rows between them so that none reaches into another; a group of columns at a time (bounded memory)."""
-    x = cp.asarray(x, dtype=cp.float64)
-    counts = np.asarray(counts, dtype=np.int64)
-    N, d = x.shape
-    radius = int(4 * sigma + 0.5)
-    position = cp.asarray(np.arange(N) + np.repeat(radius * np.arange(1, len(counts) + 1), counts))
-    length = N + radius * (len(counts) + 1)
-    from scipy import fft  # here: the sort's import thread would wait for it (0.1 s); the split runs long after
-
-    size = fft.next_fast_len(length + 2 * radius, real=True)
-    kernel = cp.exp(-0.5 * (cp.arange(-radius, radius + 1, dtype=cp.float64) / sigma) ** 2)
-    spectrum = cp.fft.rfft(kernel, size)
-
-    def smoothed(columns):  # [length, c] -> its 'same' convolution at the rows' positions
-        return cp.fft.irfft(cp.fft.rfft(columns, size, axis=0) * spectrum[:, None], size, axis=0)[position + radius]
-
-    mask = cp.zeros((length, 1))
-    mask[position] = 1
-    weight = smoothed(mask)
-    out = cp.empty_like(x)
-    group = max(1, _RUNNING_MEAN_BYTES // (8 * size))
-    for a in range(0, d, group):
-        columns = cp.zeros((length, min(d, a + group) - a))
-        columns[position] = x[:, a:a + group]
-        out[:, a:a + group] = smoothed(columns) / weight
-    return out
-
-
-def segment_em_step(x, counts, params, rs, active):
-    """See si_ks2py.cpu.ops.segment_em_step (one block per segment, sums in a fixed order)."""
-    bounds = _layout(counts)[0]
-    S = len(counts)
-    out = cp.empty((S, 5), dtype=cp.float64)
-    if S:
-        _launch("split", "segment_em_step", (S,), (_SPLIT_THREADS,),
-                (x, bounds, cp.ascontiguousarray(params, dtype=cp.float64), cp.asarray(active, dtype=cp.uint8),
-                 rs, out))
-    return out
