@@ -175,12 +175,17 @@ def sort_batches(ccb0: np.ndarray) -> np.ndarray:
     if np.dot(u, np.arange(n) - (n - 1) / 2) < 0:
         u = -u
     xs = 0.01 * u / u.std(ddof=1)
+    # the same arithmetic (bit for bit) as with fresh arrays at each step, in three reused buffers: a third faster
+    # for 138 batches on the CI machine
+    dx, ds, g = (np.empty((n, n)) for _ in range(3))
     for _ in range(200):
-        dx = xs[:, None] - xs[None, :]
-        ds = dx ** 2
-        err = ccb0 - np.log1p(ds)
-        err = (err - err.mean()) / (1 + ds)
-        g = err * dx
+        np.subtract(xs[:, None], xs[None, :], out=dx)
+        np.multiply(dx, dx, out=ds)
+        np.subtract(ccb0, np.log1p(ds, out=g), out=g)  # err
+        g -= g.mean()
+        ds += 1
+        g /= ds
+        g *= dx
         xs = xs - (-g.mean(axis=1) + g.mean(axis=0))
     return np.argsort(xs, kind="stable")
 
