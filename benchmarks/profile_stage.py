@@ -22,8 +22,7 @@ from collections import defaultdict
 
 
 #: helpers too small to time (their synchronisations would cost more than they do)
-UNTIMED = {"run", "synchronize", "asarray", "array_module", "_module", "_kernel", "_launch", "_blocks", "_f32", "_i64",
-           "_i32"}
+UNTIMED = {"run", "synchronize", "asarray", "array_module", "module", "kernel", "launch", "blocks", "f32", "i64", "i32"}
 
 
 def profile_summary(profile: cProfile.Profile, top: int) -> str:
@@ -52,8 +51,10 @@ def time_functions(modules, synchronize):
         return wrapper
 
     for module in modules:
+        package = module.__name__.rsplit(".", 1)[0]  # also its package's functions it imports (gpu/segments.py's)
         for name, value in list(vars(module).items()):
-            if isinstance(value, types.FunctionType) and value.__module__ == module.__name__ and name not in UNTIMED:
+            if (isinstance(value, types.FunctionType) and value.__module__.startswith(package)
+                    and name not in UNTIMED):
                 setattr(module, name, timed(f"{module.__name__.split('.')[-1]}.{name}", value))
     return totals
 

@@ -206,7 +206,7 @@ def filtfilt_zero_state(x, b, a):
         args = (i32(order), i32(n), i32(C), i32(L), i32(backward))
         launch("preprocess", "iir_segments", blocks(n_seg * C, 256), (256,), (source, y, b_d, a_d, z_end) + args)
         launch("preprocess", "iir_carry", blocks(C, 64), (64,),
-                (z_end, phi, z_start, i32(order), i32(n_seg), i32(C)))
+               (z_end, phi, z_start, i32(order), i32(n_seg), i32(C)))
         launch("preprocess", "iir_correct", blocks(n * C, 256), (256,), (y, z_start, h) + args)
         source = y
     return y
@@ -246,7 +246,7 @@ def column_sums(x):
         n_slabs = (n + _COLUMN_SLAB - 1) // _COLUMN_SLAB
         partial = cp.empty((n_slabs, C), dtype=cp.float32)
         launch("preprocess", "column_partial_sums", (*blocks(C, 128), n_slabs), (128,),
-                (x, partial, i32(n), i32(C), i32(_COLUMN_SLAB)))
+               (x, partial, i32(n), i32(C), i32(_COLUMN_SLAB)))
         launch("preprocess", "column_total", blocks(C, 128), (128,), (partial, total, i32(n_slabs), i32(C)))
     return total
 
@@ -279,7 +279,7 @@ def correlate_valid(x, filters):
     shared = 4 * (nt0 * F + (_CV_TT + nt0 - 1) * 32)
     kernel = "correlate_valid4" if F <= 4 else "correlate_valid8"  # filters per pass
     launch("detect", kernel, ((n + _CV_TT - 1) // _CV_TT, (C + 31) // 32), (32, 8),
-            (x, filters, out, i32(n), i32(C), i32(nt0), i32(F)), shared)
+           (x, filters, out, i32(n), i32(C), i32(nt0), i32(F)), shared)
     return out
 
 
@@ -289,7 +289,7 @@ def _peaks(err, threshold, lockout):
     flags = cp.empty(n, dtype=cp.uint8)
     if n:
         launch("pursuit", "peak_flags", blocks(n, 256), (256,),
-                (err, flags, i32(n), i32(lockout), np.float32(threshold * threshold)))
+               (err, flags, i32(n), i32(lockout), np.float32(threshold * threshold)))
     return cp.flatnonzero(flags)
 
 
@@ -308,9 +308,9 @@ def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
         grid = blocks(total, 256)
         launch("detect", "projection_norm", grid, (256,), (projections, norm, np.int64(total), i32(P)))
         launch("detect", "window_max_above", grid, (256,),
-                (norm, wmax, i32(n), i32(C), i32(nt0), np.float32(threshold)))
+               (norm, wmax, i32(n), i32(C), i32(nt0), np.float32(threshold)))
         launch("detect", "pc_peak_flags", grid, (256,),
-                (norm, wmax, iC, flags, i32(n), i32(C), i32(nt0), i32(nt0min), i32(n_near),
+               (norm, wmax, iC, flags, i32(n), i32(C), i32(nt0), i32(nt0min), i32(n_near),
                  np.float32(threshold)))
     index = cp.flatnonzero(flags)  # row-major: sorted by (time, channel)
     t, c = index // C, index % C
@@ -333,22 +333,22 @@ def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spac
         filtered = correlate_valid(data, wTEMP)  # [n, C, R]
         table = cp.empty((n_sum * (n_sum + 1) // 2, C), dtype=cp.int32)
         launch("detect", "sorted_nearest", blocks(C, 128), (128,),
-                (iC, table, i32(C), i32(iC.shape[1]), i32(n_sum)))
+               (iC, table, i32(C), i32(iC.shape[1]), i32(n_sum)))
         row_bytes = 4 * R * (C + 1)
         tile = max(1, min(_PS_TILE, _PS_SHARED_BYTES // row_bytes))
         if tile * row_bytes > MAX_SHARED_BYTES:
             raise ValueError(f"prototype_spikes: {C} channels x {R} prototypes exceed the GPU's shared memory")
         threads = min(512, (C + 31) // 32 * 32)
         launch("detect", "prototype_scores", ((n + tile - 1) // tile,), (threads,),
-                (filtered, table, err, channel, i32(n), i32(C), i32(R), i32(n_sum), i32(nt0), i32(tile)),
-                tile * row_bytes)
+               (filtered, table, err, channel, i32(n), i32(C), i32(R), i32(n_sum), i32(nt0), i32(tile)),
+               tile * row_bytes)
         del filtered
     t = _peaks(err, threshold, nt0 - 1)
     c, x = channel[t], err[t]
     keep = cp.ones(len(t), dtype=cp.uint8)
     if len(t):
         launch("detect", "cleanup_heights", blocks(len(t), 128), (128,),
-                (c, x, keep, i32(len(t)), i32(channel_spacing)))
+               (c, x, keep, i32(len(t)), i32(channel_spacing)))
     keep = keep.astype(bool)
     return t[keep], c[keep]
 
@@ -360,7 +360,7 @@ def _dense_templates(W, U):
     T = cp.empty((K, nt0, C), dtype=cp.float32)
     if T.size:
         launch("pursuit", "dense_templates", blocks(T.size, 256), (256,),
-                (W, U, T, i32(K), i32(nt0), i32(C), i32(R)))
+               (W, U, T, i32(K), i32(nt0), i32(C), i32(R)))
     return T
 
 
@@ -390,7 +390,7 @@ def _template_projections(data, W, U):
     while tile > 8 and shared_bytes(tile) > MAX_SHARED_BYTES:
         tile -= 8
     launch("pursuit", "template_projections", ((n + tile - 1) // tile, chunks), (32, 8),
-            (data, U, Wt, window, B, i32(n), i32(C), i32(K), i32(nt0), i32(R), i32(tile)), shared_bytes(tile))
+           (data, U, Wt, window, B, i32(n), i32(C), i32(K), i32(nt0), i32(R), i32(tile)), shared_bytes(tile))
     return B
 
 
@@ -413,11 +413,11 @@ def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
     n_near = iC.shape[1]
     gram = cp.empty((K, nt0, nt0), dtype=cp.float64)
     launch("templates", "neighbourhood_gram", (K,), (256,), (dWU, iC, iW, gram, i32(nt0), i32(C), i32(n_near)),
-            8 * nt0 * n_near)
+           8 * nt0 * n_near)
     vectors = cp.ascontiguousarray(cp.linalg.eigh(gram)[1])  # [K, nt0, nt0], eigenvectors as columns
     W, U, mu = cp.empty((K, nt0, R)), cp.empty((K, C, R)), cp.empty(K)
     launch("templates", "align_templates", (K,), (128,),
-            (vectors, dWU, iC, iW, cp.ascontiguousarray(Ka, dtype=cp.float64),
+           (vectors, dWU, iC, iW, cp.ascontiguousarray(Ka, dtype=cp.float64),
              cp.ascontiguousarray(Kb, dtype=cp.float64), W, U, mu, i32(nt0), i32(C), i32(n_near), i32(R),
              i32(nup), i32(nt0min)))
     return W, U, mu
@@ -436,7 +436,7 @@ def neighbor_xcorr(W, U, neighbors):
     X = cp.empty((K, M, 2 * nt0 - 1), dtype=cp.float32)
     if X.size:
         launch("pursuit", "neighbor_xcorr", (K * M,), (_XC_THREADS,),
-                (W, U, neighbors, X, i32(K), i32(M), i32(nt0), i32(U.shape[1]), i32(R)), 8 * nt0 * R)
+               (W, U, neighbors, X, i32(K), i32(M), i32(nt0), i32(U.shape[1]), i32(R)), 8 * nt0 * R)
     return X
 
 
@@ -475,7 +475,7 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     err = cp.zeros(n, dtype=cp.float32)
     ftype = cp.zeros(n, dtype=cp.int32)
     launch("pursuit", "cost_all", blocks((last + 1) * 32, 256), (256,),
-            (B, lam_mu, lmm, err, ftype, i32(last), i32(K), denom))
+           (B, lam_mu, lmm, err, ftype, i32(last), i32(K), denom))
     residual = data.copy()
     capacity = last // nt0 + 1
     st_all = cp.empty((n_iter, capacity), dtype=cp.int64)
@@ -487,7 +487,7 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     grid = _sm_count(cp.cuda.Device().id)  # one block per SM: every block resident (the loop's barrier needs it)
     scratch = (cp.empty(n, dtype=cp.uint8), cp.empty(grid, dtype=cp.int32), cp.zeros(2, dtype=cp.uint32))
     launch("pursuit", "pursuit_loop", (grid,), (1024,),
-            (B, err, ftype, residual, templates, lam_mu, lmm, mu, neighbors, xcorr,
+           (B, err, ftype, residual, templates, lam_mu, lmm, mu, neighbors, xcorr,
              ftemp if ftemp is not None else neighbors) + scratch
             + (st_all, ids_all, y_all, x_all, feat_all, counts, i32(n), i32(C), i32(K), i32(nt0), i32(M),
                i32(n_near), i32(n_iter), i32(capacity), np.float32(threshold * threshold), np.float32(lam), denom))
@@ -522,7 +522,7 @@ def accumulate_templates(residual, st, ids, y, W, U, n_templates: int, selected=
     counts = cp.diff(starts)  # (bincount would wait for the largest id)
     if dwu.size:
         launch("pursuit", "accumulate_templates", blocks(dwu.size, 256), (256,),
-                (residual, st_sorted, y_sorted, starts, W, U, dwu, i32(n_templates), i32(nt0), i32(C), i32(R)))
+               (residual, st_sorted, y_sorted, starts, W, U, dwu, i32(n_templates), i32(nt0), i32(C), i32(R)))
     return dwu, counts
 
 
@@ -541,7 +541,7 @@ def pc_features(residual, st, ids, y, W, U, channels, wPCA):
         return out
     own = f32(cp.einsum("ktr,kjr,tp->kpj", W, cp.take_along_axis(U, channels[:, :, None], axis=1), wPCA))
     launch("pursuit", "pc_features", blocks(S * J, 128), (128,),
-            (residual, st, ids, y, channels, wPCA, own, out, i32(S), i32(nt0), i32(C), i32(P), i32(J)))
+           (residual, st, ids, y, channels, wPCA, own, out, i32(S), i32(nt0), i32(C), i32(P), i32(J)))
     return out
 
 

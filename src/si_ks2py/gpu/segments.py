@@ -45,7 +45,7 @@ def _sum_chunks(partial, counts):
     out = cp.empty((S,) + partial.shape[1:], dtype=cp.float64)
     if out.size:
         launch("split", "sum_chunks", blocks(S * E, 256), (256,),
-                (cp.ascontiguousarray(partial, dtype=cp.float64), chunk_bounds, out, i32(S), np.int64(E)))
+               (cp.ascontiguousarray(partial, dtype=cp.float64), chunk_bounds, out, i32(S), np.int64(E)))
     return out
 
 
@@ -99,6 +99,6 @@ def segment_em_step(x, counts, params, rs, active):
     out = cp.empty((S, 5), dtype=cp.float64)
     if S:
         launch("split", "segment_em_step", (S,), (_SPLIT_THREADS,),
-                (x, bounds, cp.ascontiguousarray(params, dtype=cp.float64), cp.asarray(active, dtype=cp.uint8),
+               (x, bounds, cp.ascontiguousarray(params, dtype=cp.float64), cp.asarray(active, dtype=cp.uint8),
                  rs, out))
     return out
