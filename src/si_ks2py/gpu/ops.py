@@ -158,7 +158,7 @@ def worker_stream():
 def release_memory():
     """Give the memory CuPy's pool keeps for reuse back to the GPU (between stages: each stage's buffers have
     other sizes, so what one stage kept would only add to the next one's peak)."""
-    cp.get_default_memory_pool().free_allblocks()
+    cp.get_default_memory_pool().free_all_blocks()
 
 
 _IIR_SEGMENT = 256  # samples per segment of the block-parallel IIR filter
