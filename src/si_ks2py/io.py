@@ -160,7 +160,8 @@ POPULATE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 HUGE_PAGE = 2 ** 21
 RELEASE_SLICE = 2 ** 28  # bytes of a large array given back to the system per madvise call
 # bytes faulted in per madvise call: the call holds the process's memory map (for reading) throughout, and a thread
-# that maps memory (a new thread's stack, a large allocation) waits for it, and every page fault then waits too
+# that maps memory (a new thread's stack, a large allocation) waits for it (most likely what held up a sort's main
+# thread until the whole copy was faulted in, when each thread faulted its range in one call)
 POPULATE_SLICE = 2 ** 26
 
 

@@ -418,8 +418,8 @@ def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
     W, U, mu = cp.empty((K, nt0, R)), cp.empty((K, C, R)), cp.empty(K)
     launch("templates", "align_templates", (K,), (128,),
            (vectors, dWU, iC, iW, cp.ascontiguousarray(Ka, dtype=cp.float64),
-             cp.ascontiguousarray(Kb, dtype=cp.float64), W, U, mu, i32(nt0), i32(C), i32(n_near), i32(R),
-             i32(nup), i32(nt0min)))
+            cp.ascontiguousarray(Kb, dtype=cp.float64), W, U, mu, i32(nt0), i32(C), i32(n_near), i32(R),
+            i32(nup), i32(nt0min)))
     return W, U, mu
 
 
@@ -488,9 +488,9 @@ def match_pursuit(data, W, U, mu, neighbors, xcorr, threshold: float, lam: float
     scratch = (cp.empty(n, dtype=cp.uint8), cp.empty(grid, dtype=cp.int32), cp.zeros(2, dtype=cp.uint32))
     launch("pursuit", "pursuit_loop", (grid,), (1024,),
            (B, err, ftype, residual, templates, lam_mu, lmm, mu, neighbors, xcorr,
-             ftemp if ftemp is not None else neighbors) + scratch
-            + (st_all, ids_all, y_all, x_all, feat_all, counts, i32(n), i32(C), i32(K), i32(nt0), i32(M),
-               i32(n_near), i32(n_iter), i32(capacity), np.float32(threshold * threshold), np.float32(lam), denom))
+            ftemp if ftemp is not None else neighbors) + scratch
+           + (st_all, ids_all, y_all, x_all, feat_all, counts, i32(n), i32(C), i32(K), i32(nt0), i32(M),
+              i32(n_near), i32(n_iter), i32(capacity), np.float32(threshold * threshold), np.float32(lam), denom))
     found = to_host(counts).astype(np.int64)
     total = int(found.sum())
     # the spikes of every iteration, one flat index into the [n_iter, capacity] lists
@@ -543,7 +543,3 @@ def pc_features(residual, st, ids, y, W, U, channels, wPCA):
     launch("pursuit", "pc_features", blocks(S * J, 128), (128,),
            (residual, st, ids, y, channels, wPCA, own, out, i32(S), i32(nt0), i32(C), i32(P), i32(J)))
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# splits

@@ -100,5 +100,5 @@ def segment_em_step(x, counts, params, rs, active):
     if S:
         launch("split", "segment_em_step", (S,), (_SPLIT_THREADS,),
                (x, bounds, cp.ascontiguousarray(params, dtype=cp.float64), cp.asarray(active, dtype=cp.uint8),
-                 rs, out))
+                rs, out))
     return out
