@@ -95,6 +95,30 @@ def test_large_host_array_is_faulted_in_by_slices_that_cover_it(monkeypatch):
     assert start == array.ctypes.data + array.nbytes
 
 
+def test_large_host_array_is_faulted_in_only_after_the_thread_it_waits_for(monkeypatch):
+    """Faulting holds up work that maps memory (CUDA's module loads): it starts once ``after`` has ended."""
+    calls = []
+    madvise = io.libc_madvise()
+    if madvise is None:
+        pytest.skip("no madvise on this system")
+
+    def recorded(address, length, advice):
+        calls.append(advice)
+        return madvise(address, length, advice)
+
+    monkeypatch.setattr(io, "libc_madvise", lambda: recorded)
+    loaded = threading.Event()
+    loading = threading.Thread(target=loaded.wait)
+    loading.start()
+    array, populating = large_host_array((2 ** 22,), np.int16, after=loading)
+    loading.join(timeout=0.3)  # the faulting threads would be done by now if they did not wait
+    assert io.MADV_POPULATE_WRITE not in calls and all(thread.is_alive() for thread in populating)
+    loaded.set()
+    for thread in populating:
+        thread.join()
+    assert calls.count(io.MADV_POPULATE_WRITE) >= len(populating) > 0
+
+
 def test_in_memory_whitened_data_is_read_as_views_and_zero_padded_at_its_ends():
     data = np.arange(50 * 3, dtype=np.int16).reshape(50, 3)
     whitened = WhitenedData(data, 50, 3, scaleproc=200.0)

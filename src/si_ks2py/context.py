@@ -296,5 +296,6 @@ class Context(Bunch):
     (the resolved run parameters, Kilosort names), ``intermediate`` (cached arrays), ``ops`` (the op table of
     the chosen device), ``output_folder``, ``user_params`` (as given), ``timings`` (seconds per stage) and
     ``whitened`` (the whitened data in host memory when this run's preprocessing kept it there, else None),
-    ``whitened_pinning`` (the future of its page-locking, see io.pin_when_populated, or None) and ``figures``
-    (the process drawing the QC figures, plots.FigureProcess, or None)."""
+    ``whitened_pinning`` (the future of its page-locking, see io.pin_when_populated, or None), ``figures``
+    (the process drawing the QC figures, plots.FigureProcess, or None) and ``kernels_loading`` (the thread loading
+    preprocessing's kernels on the GPU, see preprocess.load_kernels, or None)."""

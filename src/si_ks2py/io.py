@@ -160,9 +160,10 @@ POPULATE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 HUGE_PAGE = 2 ** 21
 RELEASE_SLICE = 2 ** 28  # bytes of a large array given back to the system per madvise call
 # bytes faulted in per madvise call: the call holds the process's memory map (for reading) throughout, and a thread
-# that maps memory (a new thread's stack, a large allocation) waits for it (most likely what held up a sort's main
-# thread until the whole copy was faulted in, when each thread faulted its range in one call)
-POPULATE_SLICE = 2 ** 26
+# that maps memory (a new thread's stack, a library, a page-locked buffer) waits for every call in progress. One call
+# per thread held up a sort's main thread until the whole copy was faulted in; 64 MiB calls still held CUDA's first
+# module loads until then (one such wait per mapping); 8 MiB calls fault the copy in as fast as 64 MiB ones
+POPULATE_SLICE = 2 ** 23
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,7 +180,7 @@ def libc_madvise():
     return madvise
 
 
-def large_host_array(shape, dtype) -> tuple[np.ndarray, list[threading.Thread]]:
+def large_host_array(shape, dtype, after: threading.Thread | None = None) -> tuple[np.ndarray, list[threading.Thread]]:
     """An uninitialised host array of many GB whose pages background threads fault in ahead of use: (the array,
     those threads).
 
@@ -187,7 +188,8 @@ def large_host_array(shape, dtype) -> tuple[np.ndarray, list[threading.Thread]]:
     array is mapped with transparent huge pages where the system offers them (one fault per 2 MB instead of per
     4 kB), and MADV_POPULATE_WRITE faults them in, POPULATE_WORKERS ranges side by side, POPULATE_SLICE bytes per
     call, without touching what was already written; where the kernel lacks either, the array is an ordinary
-    one.
+    one. The threads start faulting once the thread ``after`` (if any) has ended: work that maps much memory
+    (loading CUDA's libraries and modules) is held up by every madvise call in progress.
     """
     count = int(np.prod(shape))
     nbytes = max(1, count * np.dtype(dtype).itemsize)
@@ -205,6 +207,8 @@ def large_host_array(shape, dtype) -> tuple[np.ndarray, list[threading.Thread]]:
     address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
     def populate(start, stop):
+        if after is not None:
+            after.join()
         for offset in range(start, stop, POPULATE_SLICE):
             madvise(address + offset, min(POPULATE_SLICE, stop - offset), MADV_POPULATE_WRITE)
 

@@ -92,13 +92,12 @@ def import_stage_modules(stages):
 
 
 def import_code(device: str, params, n_channels: int):
-    """The op table of ``device`` and the first stage modules: their imports (CuPy, CUDA's start) take a few
-    tenths of a second. Preprocessing's kernels are then loaded in the background (on the GPU) for a recording of
-    ``n_channels`` channels sorted with ``params``."""
+    """(The op table of ``device``, the thread loading preprocessing's kernels or None): the op table and the first
+    stage modules are imported (CuPy, CUDA's start: a few tenths of a second), then preprocessing's kernels are
+    loaded in the background (on the GPU) for a recording of ``n_channels`` channels sorted with ``params``."""
     ops = get_ops(device)
     import_stage_modules(FIRST_STAGES)
-    stage_module("preprocess").load_kernels(ops, params, n_channels)
-    return ops
+    return ops, stage_module("preprocess").load_kernels(ops, params, n_channels)
 
 
 def preload_later_stages():
@@ -126,7 +125,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         output_folder.mkdir(parents=True, exist_ok=True)
         cache_folder = Path(full["cache_folder"]) if full["cache_folder"] is not None else output_folder / "cache"
         fps = stage_fingerprints(recording_fingerprint(recording), full)
-        ops = imported.result()
+        ops, kernels_loading = imported.result()
     return Context(
         raw_data=recording,
         probe=probe,
@@ -140,6 +139,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         whitened=None,
         whitened_pinning=None,
         figures=None,
+        kernels_loading=kernels_loading,
     )
 
 

@@ -232,13 +232,13 @@ def whitened_int16(ops, raw, own: slice, wrot_dev, params, coefficients):
     return to_int16(ops, filter_traces(ops, raw, params, coefficients)[own] @ wrot_dev)
 
 
-def load_kernels(ops, params, n_channels: int):
-    """One chunk of each pass on zeros [NT + 4 ntbuff, n_channels], in a background thread, on the GPU only: the
-    first call of a kernel in a process loads it (cuBLAS's products 46 to 109 ms each on an H200, CuPy's
+def load_kernels(ops, params, n_channels: int) -> threading.Thread | None:
+    """One chunk of each pass on zeros [NT + 4 ntbuff, n_channels], in a background thread (returned), on the GPU
+    only: the first call of a kernel in a process loads it (cuBLAS's products 46 to 109 ms each on an H200, CuPy's
     elementwise kernels from their cache), which would otherwise delay the first chunks of each pass. Started
     while the recording is checked; sizes as when every channel is kept, the usual case."""
     if ops.name == "cpu":
-        return
+        return None
 
     read, out = chunk_windows(1, params.NT, params.ntbuff, params.n_samples)  # a chunk inside the recording
 
@@ -253,7 +253,9 @@ def load_kernels(ops, params, n_channels: int):
             ops.to_host(whitened_int16(ops, raw, own, ops.xp.eye(n_channels, dtype=ops.xp.float32), params,
                                        coefficients))
 
-    threading.Thread(target=run, name="ks2py-load-kernels", daemon=True).start()
+    thread = threading.Thread(target=run, name="ks2py-load-kernels", daemon=True)
+    thread.start()
+    return thread
 
 
 def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store, show_progress: bool,
@@ -288,11 +290,12 @@ def run(ctx):
     params, probe, ops, ir = ctx.params, ctx.probe, ctx.ops, ctx.intermediate
     reader = RecordingReader(ctx.raw_data, params.t_start, params.t_stop, probe.chanMap)
     # the in-memory copy is allocated first, so that its pages are faulted in (in the background) during the
-    # good-channel and whitening passes: the first writes to fresh pages would cost about as much as the pass
+    # good-channel and whitening passes: the first writes to fresh pages would cost about as much as the pass.
+    # The faulting waits for the kernels to be loaded, which it would hold up (as it would the first chunks)
     size = params.n_samples * len(probe.chanMap)  # every channel: the kept ones use its start
     memory = None
     if whitened_fits_in_memory(2 * size):
-        memory, populating = large_host_array((size,), np.int16)
+        memory, populating = large_host_array((size,), np.int16, after=ctx.get("kernels_loading"))
         # page-locked once populated, during the first two passes (or the main pass): the chunks finished then,
         # and the later stages' batches, move between it and the device without staging
         ctx.whitened_pinning = pin_when_populated(ops, memory, populating)
