@@ -20,7 +20,6 @@ import numpy as np
 
 from ..io import binary_source
 from ..plots import spike_depths
-from ..templates import dense_templates
 
 logger = logging.getLogger("si_ks2py")
 
@@ -72,7 +71,9 @@ def write_phy(ctx, figures=None):
     W, U = np.asarray(ir.W_s), np.asarray(ir.U_s)
     n_templates, nt0, n_rank = W.shape
     Wphy = np.concatenate([np.zeros((n_templates, p.nt0min + 1, n_rank)), W], axis=1)  # centre at nt0min
-    templates = dense_templates(Wphy, U).astype(np.float32)
+    # W_k U_k' as one batched matrix product: tm.dense_templates (an einsum, whose summation order the pursuit's
+    # NumPy twin shares) took 0.25 to 0.5 s for 250 templates of 384 channels, 20 times as long
+    templates = np.matmul(Wphy, np.swapaxes(U, 1, 2)).astype(np.float32)
     whitening = np.asarray(ir.Wrot, dtype=np.float64) / p.scaleproc
     whitening_inv = np.linalg.inv(whitening)
     n_learnt = len(np.asarray(ir.iNeigh))
