@@ -161,8 +161,8 @@ HUGE_PAGE = 2 ** 21
 RELEASE_SLICE = 2 ** 28  # bytes of a large array given back to the system per madvise call
 # bytes faulted in per madvise call: the call holds the process's memory map (for reading) throughout, and a thread
 # that maps memory (a new thread's stack, a library, a page-locked buffer) waits for every call in progress. One call
-# per thread held up a sort's main thread until the whole copy was faulted in; 64 MiB calls still held CUDA's first
-# module loads until then (one such wait per mapping); 8 MiB calls fault the copy in as fast as 64 MiB ones
+# per thread held up a sort's main thread until the whole copy was faulted in; with 64 MiB calls CUDA's first module
+# loads still ended only when the faulting did; 8 MiB calls fault the copy in as fast as 64 MiB ones
 POPULATE_SLICE = 2 ** 23
 
 
