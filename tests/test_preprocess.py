@@ -69,9 +69,9 @@ def test_large_host_array_keeps_what_is_written_while_its_pages_are_faulted_in()
     np.testing.assert_array_equal(array, data)
 
 
-def test_large_host_array_is_faulted_in_by_slices_that_cover_it(monkeypatch):
-    """One madvise call holds the process's memory map: each call covers at most POPULATE_SLICE bytes, and the
-    calls together cover the array once."""
+@pytest.fixture
+def madvise_calls(monkeypatch) -> list:
+    """The (address, length, advice) of every madvise call made through io.libc_madvise, which still runs them."""
     calls = []
     madvise = io.libc_madvise()
     if madvise is None:
@@ -82,11 +82,17 @@ def test_large_host_array_is_faulted_in_by_slices_that_cover_it(monkeypatch):
         return madvise(address, length, advice)
 
     monkeypatch.setattr(io, "libc_madvise", lambda: recorded)
+    return calls
+
+
+def test_large_host_array_is_faulted_in_by_slices_that_cover_it(monkeypatch, madvise_calls):
+    """One madvise call holds the process's memory map: each call covers at most POPULATE_SLICE bytes, and the
+    calls together cover the array once."""
     monkeypatch.setattr(io, "POPULATE_SLICE", 2 ** 21)
     array, populating = large_host_array((5 * 2 ** 20 + 12345,), np.int16)  # 10 MiB and a bit
     for thread in populating:
         thread.join()
-    calls = sorted(call for call in calls if call[2] == io.MADV_POPULATE_WRITE)
+    calls = sorted(call for call in madvise_calls if call[2] == io.MADV_POPULATE_WRITE)
     assert all(length <= 2 ** 21 for _, length, _ in calls)
     start = array.ctypes.data
     for address, length, _ in calls:
@@ -95,28 +101,22 @@ def test_large_host_array_is_faulted_in_by_slices_that_cover_it(monkeypatch):
     assert start == array.ctypes.data + array.nbytes
 
 
-def test_large_host_array_is_faulted_in_only_after_the_thread_it_waits_for(monkeypatch):
+def test_large_host_array_is_faulted_in_only_after_the_thread_it_waits_for(madvise_calls):
     """Faulting holds up work that maps memory (CUDA's module loads): it starts once ``after`` has ended."""
-    calls = []
-    madvise = io.libc_madvise()
-    if madvise is None:
-        pytest.skip("no madvise on this system")
 
-    def recorded(address, length, advice):
-        calls.append(advice)
-        return madvise(address, length, advice)
+    def populate_calls():
+        return [call for call in madvise_calls if call[2] == io.MADV_POPULATE_WRITE]
 
-    monkeypatch.setattr(io, "libc_madvise", lambda: recorded)
     loaded = threading.Event()
     loading = threading.Thread(target=loaded.wait)
     loading.start()
     array, populating = large_host_array((2 ** 22,), np.int16, after=loading)
     loading.join(timeout=0.3)  # the faulting threads would be done by now if they did not wait
-    assert io.MADV_POPULATE_WRITE not in calls and all(thread.is_alive() for thread in populating)
+    assert not populate_calls() and all(thread.is_alive() for thread in populating)
     loaded.set()
     for thread in populating:
         thread.join()
-    assert calls.count(io.MADV_POPULATE_WRITE) >= len(populating) > 0
+    assert len(populate_calls()) >= len(populating) > 0
 
 
 def test_in_memory_whitened_data_is_read_as_views_and_zero_padded_at_its_ends():
