@@ -311,7 +311,7 @@ def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
                (norm, wmax, i32(n), i32(C), i32(nt0), np.float32(threshold)))
         launch("detect", "pc_peak_flags", grid, (256,),
                (norm, wmax, iC, flags, i32(n), i32(C), i32(nt0), i32(nt0min), i32(n_near),
-                 np.float32(threshold)))
+                np.float32(threshold)))
     index = cp.flatnonzero(flags)  # row-major: sorted by (time, channel)
     t, c = index // C, index % C
     features = projections[t[:, None], iC[c], :]
