@@ -5,7 +5,8 @@ twins, on machines without a GPU; the parity tests marked gpu run the compiled k
 - correlate_valid: a direct float32 sum against a float64 one, to 1e-5 of the output's scale.
 - Prototype scores: the twin sums each channel's nearest channels by a matrix product, the kernel in ascending
   channel order; the scores agree to 1e-5 of their scale and every window start has the same best channel.
-- neighbourhood_gram and align_templates (given the twin's own eigenvectors): float64, to 1e-10.
+- neighbourhood_gram and align_templates (given the twin's own eigenvectors): float64, to 1e-10; rank-one
+  templates' other factors are 0 in both.
 - Template projections (pursuit.cu): a float32 sum over each chunk's channel window against a float64 direct sum,
   to 1e-5 of the largest projection, and the NumPy twin's (a float32 FFT) to 1e-4; every chunk's window is the
   range of channels where its templates' U is non-zero.
@@ -83,7 +84,7 @@ def test_prototype_scores_match_the_numpy_twin(tmp_path, n_chan, R, tile, thread
     np.testing.assert_array_equal(out["channel"], channel)
 
 
-@pytest.mark.parametrize("kind", ["templates", "random"])
+@pytest.mark.parametrize("kind", ["templates", "random", "rank one"])
 def test_template_factorisation_kernels_match_the_numpy_twin(tmp_path, kind):
     rng = np.random.default_rng(3)
     n_chan, K = 24, 12
@@ -92,19 +93,22 @@ def test_template_factorisation_kernels_match_the_numpy_twin(tmp_path, kind):
         dwu = tm.dense_templates(W.astype(np.float64), U.astype(np.float64), mu.astype(np.float64))
         dwu = np.stack([np.roll(d, s, axis=0) for d, s in zip(dwu, rng.integers(-3, 4, K))])
         dwu += 0.05 * rng.normal(size=dwu.shape)
-    else:  # no template shape: peaks of either sign, anywhere
+    elif kind == "random":  # no template shape: peaks of either sign, anywhere
         dwu = rng.normal(size=(K, NT0, n_chan))
+    else:  # one waveform on every channel: the factors beyond the first are 0
+        dwu = tm.dense_templates(W[:, :, :1].astype(np.float64), U[:, :, :1].astype(np.float64), mu.astype(np.float64))
     iW = tm.peak_channels(dwu, NT0MIN)
-    blanked = dwu * tm.neighbourhood_mask(iC, iW, n_chan)[:, None, :]
+    near = np.take_along_axis(dwu, iC[iW][:, None, :], axis=2)  # [K, nt0, n_near]: the neighbourhoods
     gram = emulate(tmp_path, "neighbourhood_gram", dWU=dwu, iC=iC, iW=iW)["gram"]
-    np.testing.assert_allclose(gram, blanked @ blanked.transpose(0, 2, 1), rtol=1e-10, atol=1e-10 * np.abs(gram).max())
+    np.testing.assert_allclose(gram, near.transpose(0, 2, 1) @ near, rtol=1e-10, atol=1e-10 * np.abs(gram).max())
     Ka, Kb = tm.alignment_kernels(NT0, NT0MIN)
     expected = tm.svd_templates(dwu, np.zeros((K, NT0, 3)), iC, iW, Ka, Kb, NT0MIN)
-    vectors = np.linalg.eigh(blanked @ blanked.transpose(0, 2, 1))[1]  # the twin's own eigenvectors
+    vectors = np.linalg.eigh(near.transpose(0, 2, 1) @ near)[1]  # the twin's own eigenvectors
     got = emulate(tmp_path, "align_templates", vectors=np.ascontiguousarray(vectors), dWU=dwu, iC=iC, iW=iW, Ka=Ka,
-                  Kb=Kb, rank=3, nt0min=NT0MIN)
+                  Kb=Kb, rank=3, nt0min=NT0MIN, rank_tolerance=tm.RANK_TOLERANCE)
     for name, want in zip(("W", "U", "mu"), expected):
         np.testing.assert_allclose(got[name], want, rtol=1e-10, atol=1e-10, err_msg=name)
+    assert (not got["W"][:, :, 1:].any()) == (kind == "rank one")
 
 
 def direct_projections(data, W, U):
@@ -117,22 +121,26 @@ def direct_projections(data, W, U):
     return B
 
 
-@pytest.mark.parametrize("case, tile", [("sorted", 64), ("unsorted", 16), ("long", 64), ("silent chunk", 32)])
-def test_template_projections_match_a_direct_sum(tmp_path, case, tile):
+@pytest.mark.parametrize("case, starts", [("sorted", 16), ("unsorted", 8), ("long", 16), ("long", 8),
+                                          ("silent chunk", 8), ("rank two", 16)])
+def test_template_projections_match_a_direct_sum(tmp_path, case, starts):
     rng = np.random.default_rng(len(case))
-    n_chan, K = {"sorted": (96, 70), "unsorted": (40, 33), "long": (48, 20), "silent chunk": (64, 40)}[case]
+    n_chan, K = {"sorted": (96, 70), "unsorted": (40, 33), "long": (48, 20), "silent chunk": (64, 40),
+                 "rank two": (40, 36)}[case]
     W, U, mu, iC, iW = synthetic_templates(n_chan, K, rng)
     if case == "sorted":  # as the stages hold them: by peak channel, so each chunk spans a short window
         order = np.argsort(iW, kind="stable")
         W, U = W[order], U[order]
     elif case == "unsorted":  # U on every channel: the window is the whole probe, two slabs, the second partial
         U = rng.normal(size=U.shape).astype(np.float32)
-    elif case == "long":  # nt0 = 81: tile + nt0 - 1 rows, more than one thread's group of rows
+    elif case == "long":  # nt0 = 81: more rows than a thread's group of rows covers in one pass
         W = rng.normal(size=(K, 81, 3)).astype(np.float32)
+    elif case == "rank two":
+        W, U = np.ascontiguousarray(W[:, :, :2]), np.ascontiguousarray(U[:, :, :2])
     else:  # the second chunk of 32 templates has no spatial factors at all
         U[32:] = 0
     data = rng.normal(size=(150, n_chan)).astype(np.float32)
-    out = emulate(tmp_path, "template_projections", data=data, W=W, U=U, tile=tile)
+    out = emulate(tmp_path, "template_projections", data=data, W=W, U=U, starts=starts)
     expected = direct_projections(data, W, U)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(out["B"], expected, atol=1e-5 * scale)

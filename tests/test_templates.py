@@ -43,8 +43,10 @@ def factorise(dwu, n_chan=16):
 def test_svd_templates_normalises_and_keeps_an_aligned_template_in_place():
     dwu = template_set()
     W, U, mu, iC, iW = factorise(dwu)
-    # unit norm up to the slight smoothing of the regularised sub-sample interpolation (as in Kilosort)
-    np.testing.assert_allclose(np.linalg.norm(W, axis=1), 1, atol=0.05)
+    # unit norm up to the slight smoothing of the regularised sub-sample interpolation (as in Kilosort); the
+    # templates are rank one (one waveform on every channel), their other factors 0
+    np.testing.assert_allclose(np.linalg.norm(W[:, :, 0], axis=1), 1, atol=0.05)
+    assert not W[:, :, 1:].any() and not U[:, :, 1:].any()
     np.testing.assert_allclose((U ** 2).sum(axis=(1, 2)), 1, atol=1e-6)
     assert np.all(W[:, NT0MIN, 0] < 0)
     # a template whose trough is on sample nt0min stays there, and is rebuilt to within 5% of its peak
@@ -58,6 +60,20 @@ def test_svd_templates_normalises_and_keeps_an_aligned_template_in_place():
     shifted = tm.dense_templates(W2, U2, mu2)
     assert [np.argmin(shifted[k, :, iW[k]]) for k in range(2)] == [NT0MIN - 1, NT0MIN - 1]
     assert np.abs(shifted[0, :, iW[0]] - dwu[0, :, iW[0]]).max() / np.abs(dwu[0]).max() > 3 * max(error)
+
+
+def test_svd_templates_factors_are_the_top_eigenvectors_of_the_temporal_covariance():
+    rng = np.random.default_rng(5)
+    dwu = template_set() + 0.3 * rng.normal(size=(2, NT0, 16))  # full rank
+    W, U, mu, iC, iW = factorise(dwu)
+    # the factors before alignment (which U keeps), from each neighbourhood's temporal covariance [nt0, nt0]
+    blanked = dwu * tm.neighbourhood_mask(iC, iW, 16)[:, None, :]
+    top = np.linalg.eigh(blanked @ blanked.transpose(0, 2, 1))[1][:, :, ::-1][:, :, :3]
+    U_direct = blanked.transpose(0, 2, 1) @ top  # [K, Nchan, 3], the factors' signs aside
+    np.testing.assert_allclose(mu, np.sqrt(1e-7 + (U_direct ** 2).sum(axis=(1, 2))), rtol=1e-12)
+    for r in range(3):
+        np.testing.assert_allclose(np.abs(U[:, :, r]) * mu[:, None], np.abs(U_direct[:, :, r]),
+                                   atol=1e-9 * np.abs(U_direct).max())
 
 
 def test_template_xcorr_matches_direct_correlation():

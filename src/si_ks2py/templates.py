@@ -48,6 +48,10 @@ def neighbourhood_mask(iC, iW, n_chan: int, xp=np):
     return mask
 
 
+#: svd_templates: a factor whose eigenvalue is under this fraction of the first's is beyond the template's rank
+RANK_TOLERANCE = 1e-12
+
+
 def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
     """mexSVDsmall2.cu: (W, U, mu) of each template from dWU restricted to its neighbourhood.
 
@@ -57,17 +61,26 @@ def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
     negative at nt0min, its peak circularly shifted to nt0min and sub-sample aligned with Ka/Kb (all ranks).
     Returns W [K, nt0, Nrank], U [K, Nchan, Nrank], mu [K], all float64; U is not re-projected after the
     alignment, as in Kilosort.
+
+    The top eigenvectors of the temporal covariance B B' ([nt0, nt0], B = dWU[k] on the template's NchanNear
+    channels) are B v / ||B v|| for the top eigenvectors v of the smaller B' B ([NchanNear, NchanNear]): a batch
+    of 32 x 32 eigenproblems instead of 61 x 61. A factor beyond B's rank (||B v||^2 under RANK_TOLERANCE of the
+    first factor's) is 0, where Kilosort's normalised power iterations left it close to 0.
     """
     xp = array_module(dWU)
     K, nt0, n_chan = dWU.shape
     n_rank = W_prev.shape[2]
     if K == 0:
         return xp.zeros((0, nt0, n_rank)), xp.zeros((0, n_chan, n_rank)), xp.zeros(0)
-    blanked = dWU * neighbourhood_mask(iC, iW, n_chan, xp)[:, None, :]
-    wtw = blanked @ blanked.transpose(0, 2, 1)  # [K, nt0, nt0]
-    _, vectors = xp.linalg.eigh(wtw)
-    W = vectors[:, :, ::-1][:, :, :n_rank].copy()  # eigenvalues ascending -> top n_rank
+    near = xp.take_along_axis(dWU, iC[iW][:, None, :], axis=2)  # [K, nt0, NchanNear]
+    _, vectors = xp.linalg.eigh(near.transpose(0, 2, 1) @ near)
+    W = near @ vectors[:, :, ::-1][:, :, :n_rank]  # [K, nt0, min(Nrank, NchanNear)], eigenvalues descending
+    squares = (W ** 2).sum(axis=1, keepdims=True)  # [K, 1, rank]: the eigenvalues
+    within_rank = (squares > RANK_TOLERANCE * squares[:, :, :1]) & (squares > 0)
+    W = xp.where(within_rank, W / xp.sqrt(xp.where(within_rank, squares, 1.0)), 0.0)
+    W = xp.concatenate([W, xp.zeros((K, nt0, n_rank - W.shape[2]))], axis=2)
     W[:, :, 0] *= -xp.sign(W[:, nt0min, 0] + (W[:, nt0min, 0] == 0))[:, None]
+    blanked = dWU * neighbourhood_mask(iC, iW, n_chan, xp)[:, None, :]
     U = blanked.transpose(0, 2, 1) @ W  # [K, Nchan, Nrank]
     mu = xp.sqrt(1e-7 + (U ** 2).sum(axis=(1, 2)))
     U /= mu[:, None, None]

@@ -29,17 +29,18 @@ extern "C" int run_neighbourhood_gram(const double* dWU, const long long* iC, co
 
 extern "C" int run_align_templates(const double* vectors, const double* dWU, const long long* iC, const long long* iW,
                                    const double* Ka, const double* Kb, double* W, double* U, double* mu, int K,
-                                   int nt0, int C, int n_near, int R, int nup, int nt0min) {
+                                   int nt0, int C, int n_near, int R, int nup, int nt0min, double rank_tolerance) {
     return emu_launch({(unsigned)K, 1, 1}, {128, 1, 1}, [=]() {
-        align_templates(vectors, dWU, iC, iW, Ka, Kb, W, U, mu, nt0, C, n_near, R, nup, nt0min);
+        align_templates(vectors, dWU, iC, iW, Ka, Kb, W, U, mu, nt0, C, n_near, R, nup, nt0min, rank_tolerance);
     });
 }
 
 extern "C" int run_template_projections(const float* data, const float* U, const float* Wt, int* window, float* B,
-                                        int n, int C, int K, int nt0, int R, int tile) {
+                                        int n, int C, int K, int nt0, int R, int starts) {
     const unsigned chunks = (unsigned)((K + PJ_TEMPLATES - 1) / PJ_TEMPLATES);
     const int failed = emu_launch({chunks, 1, 1}, {256, 1, 1}, [=]() { projection_windows(U, window, K, C, R); });
-    return failed + emu_launch({(unsigned)((n + tile - 1) / tile), chunks, 1}, {32, 8, 1}, [=]() {
-        template_projections(data, U, Wt, window, B, n, C, K, nt0, R, tile);
+    return failed + emu_launch({(unsigned)((n + 8 * starts - 1) / (8 * starts)), chunks, 1}, {32, 8, 1}, [=]() {
+        if (starts == 16) template_projections16(data, U, Wt, window, B, n, C, K, nt0, R);
+        else template_projections8(data, U, Wt, window, B, n, C, K, nt0, R);
     });
 }

@@ -12,6 +12,7 @@
 #include <algorithm>
 using std::min; using std::max;
 struct emu_dim { unsigned int x, y, z; };
+struct alignas(16) float4 { float x, y, z, w; };
 extern thread_local emu_dim threadIdx;
 extern emu_dim blockIdx, blockDim, gridDim;
 #define __global__

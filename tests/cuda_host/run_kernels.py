@@ -5,13 +5,15 @@ launch.h, kernels.cpp) for tests on machines without a GPU:
 
 KERNEL is correlate_valid (inputs x [n, C], filters [nt0, F] float32; output out [n, C, F]), prototype_scores
 (filtered [n, C, R] float32, iC [C, n_near] int64, n_sum, nt0, tile, threads; outputs err [n], channel [n]),
-neighbourhood_gram (dWU [K, nt0, C] float64, iC, iW [K] int64; output gram [K, nt0, nt0]) or align_templates
-(vectors [K, nt0, nt0], dWU, iC, iW, Ka [nup, nt0], Kb [nup, nt0, nt0] float64, rank, nt0min; outputs W, U, mu)
-or template_projections (data [n, C], W [K, nt0, R], U [K, C, R] float32, tile; outputs B [n, K], window).
+neighbourhood_gram (dWU [K, nt0, C] float64, iC [C, n_near], iW [K] int64; output gram [K, n_near, n_near]),
+align_templates (vectors [K, n_near, n_near], dWU, iC, iW, Ka [nup, nt0], Kb [nup, nt0, nt0] float64, rank,
+nt0min, rank_tolerance; outputs W, U, mu) or template_projections (data [n, C], W [K, nt0, R], U [K, C, R]
+float32, starts: 16 or 8; outputs B [n, K], window).
 It runs in a process of its own: forking a process that holds thread pools (scipy's FFT workers) can deadlock in
 their fork handlers.
 """
 
+import ctypes
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +45,8 @@ def run(library, kernel: str, given: dict) -> dict:
         result = {"err": err, "channel": channel}
     elif kernel == "neighbourhood_gram":
         K, nt0, C = a["dWU"].shape
-        gram = shared(np.zeros((K, nt0, nt0)), keep)
+        n_near = a["iC"].shape[1]
+        gram = shared(np.zeros((K, n_near, n_near)), keep)
         failed = library.run_neighbourhood_gram(pointer(a["dWU"]), pointer(a["iC"]), pointer(a["iW"]), pointer(gram),
                                                 K, nt0, C, a["iC"].shape[1])
         result = {"gram": gram}
@@ -54,7 +57,7 @@ def run(library, kernel: str, given: dict) -> dict:
         failed = library.run_align_templates(
             pointer(a["vectors"]), pointer(a["dWU"]), pointer(a["iC"]), pointer(a["iW"]), pointer(a["Ka"]),
             pointer(a["Kb"]), pointer(W), pointer(U), pointer(mu), K, nt0, C, a["iC"].shape[1], R,
-            a["Ka"].shape[0], int(given["nt0min"]))
+            a["Ka"].shape[0], int(given["nt0min"]), ctypes.c_double(float(given["rank_tolerance"])))
         result = {"W": W, "U": U, "mu": mu}
     elif kernel == "template_projections":
         (n, C), (K, nt0, R) = a["data"].shape, a["W"].shape
@@ -62,7 +65,7 @@ def run(library, kernel: str, given: dict) -> dict:
         window = shared(np.zeros(2 * (-(-K // 32)), np.int32), keep)
         B = shared(np.zeros((n, K), np.float32), keep)
         failed = library.run_template_projections(pointer(a["data"]), pointer(a["U"]), pointer(Wt), pointer(window),
-                                                  pointer(B), n, C, K, nt0, R, int(given["tile"]))
+                                                  pointer(B), n, C, K, nt0, R, int(given["starts"]))
         result = {"B": B, "window": window}
     else:
         raise ValueError(f"no emulation of {kernel}")

@@ -22,7 +22,8 @@ import cupy as cp
 import cupyx
 import numpy as np
 
-from .kernels import MAX_SHARED_BYTES, blocks, f32, i32, i64, launch, module
+from ..templates import RANK_TOLERANCE
+from .kernels import blocks, f32, i32, i64, launch, max_shared_bytes, module
 from .segments import segment_em_step, segment_gram, segment_running_mean, segment_sum  # noqa: F401 (op table)
 
 xp = cp
@@ -336,7 +337,7 @@ def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spac
                (iC, table, i32(C), i32(iC.shape[1]), i32(n_sum)))
         row_bytes = 4 * R * (C + 1)
         tile = max(1, min(_PS_TILE, _PS_SHARED_BYTES // row_bytes))
-        if tile * row_bytes > MAX_SHARED_BYTES:
+        if tile * row_bytes > max_shared_bytes():
             raise ValueError(f"prototype_spikes: {C} channels x {R} prototypes exceed the GPU's shared memory")
         threads = min(512, (C + 31) // 32 * 32)
         launch("detect", "prototype_scores", ((n + tile - 1) // tile,), (threads,),
@@ -364,33 +365,37 @@ def _dense_templates(W, U):
     return T
 
 
-_PJ_TEMPLATES, _PJ_SLAB, _PJ_MAX_RANK, _PJ_MAX_TILE = 32, 32, 4, 64  # PJ_* in pursuit.cu
+_PJ_TEMPLATES, _PJ_SLAB, _PJ_MAX_RANK = 32, 32, 4  # PJ_* in pursuit.cu
+
+
+def _projection_shared_bytes(starts: int, nt0: int, R: int) -> int:
+    """Dynamic shared memory of template_projections{starts} (see pursuit.cu)."""
+    rows = 8 * starts + (nt0 + starts - 1) // starts * starts - 1
+    return 4 * (rows * _PJ_TEMPLATES * R + 4 * (starts + 8) * _PJ_SLAB + _PJ_TEMPLATES * (_PJ_SLAB * R + 4))
 
 
 def _template_projections(data, W, U):
     """B [n, K] float32: <T_k, data[t:t+nt0]> for t <= n - nt0, 0 beyond. One kernel sums the spatial projections
     of each chunk of 32 templates over the channels where their U is non-zero (a short window when the templates
-    are sorted by peak channel, as the stages hold them), keeps them in shared memory and sums them in time there.
+    are sorted by peak channel, as the stages hold them), keeps them in shared memory and sums them in time there,
+    16 window starts a thread (8 where the GPU's shared memory is too small for that).
     data: [n, C] float32; W: [K, nt0, R] and U: [K, C, R] float32, contiguous."""
     n, C = data.shape
     K, nt0, R = W.shape
     if R > _PJ_MAX_RANK:
         raise ValueError(f"template projections take templates of rank <= {_PJ_MAX_RANK}, got {R}")
+    starts = next((s for s in (16, 8) if _projection_shared_bytes(s, nt0, R) <= max_shared_bytes()), None)
+    if starts is None:
+        raise ValueError(f"template projections of {nt0} samples and rank {R} exceed the GPU's shared memory")
     B = cp.empty((n, K), dtype=cp.float32)
     chunks = (K + _PJ_TEMPLATES - 1) // _PJ_TEMPLATES
     window = cp.empty(2 * chunks, dtype=cp.int32)
     launch("pursuit", "projection_windows", (chunks,), (256,), (U, window, i32(K), i32(C), i32(R)))
     Wt = cp.ascontiguousarray(W.transpose(1, 2, 0))  # [nt0, R, K]
-
-    def shared_bytes(tile):
-        rows = tile + nt0 - 1
-        return 4 * (rows * (_PJ_TEMPLATES * R + _PJ_SLAB) + _PJ_TEMPLATES * (_PJ_SLAB * R + 1))
-
-    tile = _PJ_MAX_TILE
-    while tile > 8 and shared_bytes(tile) > MAX_SHARED_BYTES:
-        tile -= 8
-    launch("pursuit", "template_projections", ((n + tile - 1) // tile, chunks), (32, 8),
-           (data, U, Wt, window, B, i32(n), i32(C), i32(K), i32(nt0), i32(R), i32(tile)), shared_bytes(tile))
+    tile = 8 * starts
+    launch("pursuit", f"template_projections{starts}", ((n + tile - 1) // tile, chunks), (32, 8),
+           (data, U, Wt, window, B, i32(n), i32(C), i32(K), i32(nt0), i32(R)),
+           _projection_shared_bytes(starts, nt0, R))
     return B
 
 
@@ -411,15 +416,15 @@ def svd_templates(dWU, W_prev, iC, iW, Ka, Kb, nt0min: int):
                          f"sub-sample shifts, got {nt0}, {R} and {nup}")
     iC, iW = i64(iC), i64(iW)
     n_near = iC.shape[1]
-    gram = cp.empty((K, nt0, nt0), dtype=cp.float64)
+    gram = cp.empty((K, n_near, n_near), dtype=cp.float64)
     launch("templates", "neighbourhood_gram", (K,), (256,), (dWU, iC, iW, gram, i32(nt0), i32(C), i32(n_near)),
            8 * nt0 * n_near)
-    vectors = cp.ascontiguousarray(cp.linalg.eigh(gram)[1])  # [K, nt0, nt0], eigenvectors as columns
+    vectors = cp.ascontiguousarray(cp.linalg.eigh(gram)[1])  # [K, n_near, n_near], eigenvectors as columns
     W, U, mu = cp.empty((K, nt0, R)), cp.empty((K, C, R)), cp.empty(K)
     launch("templates", "align_templates", (K,), (128,),
            (vectors, dWU, iC, iW, cp.ascontiguousarray(Ka, dtype=cp.float64),
             cp.ascontiguousarray(Kb, dtype=cp.float64), W, U, mu, i32(nt0), i32(C), i32(n_near), i32(R),
-            i32(nup), i32(nt0min)))
+            i32(nup), i32(nt0min), np.float64(RANK_TOLERANCE)))
     return W, U, mu
 
 

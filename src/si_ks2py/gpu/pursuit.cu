@@ -25,10 +25,8 @@ extern "C" __global__ void dense_templates(const float* __restrict__ W, const fl
 }
 
 #define PJ_TEMPLATES 32  // templates of a chunk (one per lane)
-#define PJ_SLAB 32       // channels of the batch staged at a time
-#define PJ_ROWS 16       // rows of spatial projections a thread sums at a time
+#define PJ_SLAB 32       // channels of the batch staged at a time (read four at a time, as float4)
 #define PJ_MAX_RANK 4
-#define PJ_MAX_STARTS 8  // window starts a thread sums in the temporal phase (tile <= 8 * PJ_MAX_STARTS)
 
 // Channel window of each chunk of PJ_TEMPLATES templates: window[2j] and window[2j + 1] are the first and the last
 // channel where a template of chunk j has a non-zero spatial factor (C and -1 for a chunk without any). Templates
@@ -69,83 +67,140 @@ extern "C" __global__ void projection_windows(const float* __restrict__ U, int* 
 
 // B[t, k] = <T_k, data[t:t+nt0]> = sum_i sum_r Wt[i, r, k] * P[t + i, k, r], where P[s, k, r] = sum_c data[s, c]
 // U[k, c, r] (the spatial projections), for window starts t <= n - nt0, 0 beyond. Wt [nt0, R, K] holds the
-// temporal factors. Grid (ceil(n / tile), ceil(K / PJ_TEMPLATES)), block (32, 8): a lane per template of the chunk,
-// 8 row lanes. A block first sums P for the tile's tile + nt0 - 1 rows over its chunk's channel window only (from
-// projection_windows), PJ_SLAB channels of the batch and of U staged at a time, channels ascending, and keeps P in
-// shared memory; the temporal sum then reads it there (each thread tile / 8 window starts).
-// Dynamic shared memory: rows * (32 R + PJ_SLAB) + 32 * (PJ_SLAB R + 1) floats, rows = tile + nt0 - 1.
-extern "C" __global__ void __launch_bounds__(256, 2) template_projections(
-    const float* __restrict__ data, const float* __restrict__ U, const float* __restrict__ Wt,
-    const int* __restrict__ window, float* __restrict__ B, const int n, const int C, const int K, const int nt0,
-    const int R, const int tile)
+// temporal factors. Grid (ceil(n / tile), ceil(K / PJ_TEMPLATES)), block (32, 8), tile = 8 * STARTS: a lane per
+// template of the chunk, 8 row lanes. A block first sums P for the tile's rows = tile + taps - 1 rows (taps: nt0
+// rounded up to a multiple of STARTS) over its chunk's channel window only (from projection_windows), PJ_SLAB
+// channels of the batch and of U staged at a time, channels ascending, four channels per shared-memory read; P
+// stays in shared memory. The temporal sum then gives each thread STARTS consecutive window starts: per block of
+// STARTS taps it holds those taps of W and the 2 STARTS - 1 rows of P they meet in registers (STARTS^2 products
+// for 3 STARTS - 1 loads).
+// Dynamic shared memory (floats): rows * 32 R (P) + 4 (STARTS + 8) * PJ_SLAB (the slab) + 32 (PJ_SLAB R + 4) (U).
+template <int RANK, int STARTS>
+__device__ __forceinline__ void projections_of_chunk(const float* __restrict__ data, const float* __restrict__ U,
+                                                     const float* __restrict__ Wt, const int* __restrict__ window,
+                                                     float* __restrict__ B, const int n, const int C, const int K,
+                                                     const int nt0, float* staged)
 {
-    extern __shared__ float staged[];
-    const int rows = tile + nt0 - 1, width = PJ_TEMPLATES * R, ustride = PJ_SLAB * R + 1;
+    constexpr int TILE = 8 * STARTS, WIDTH = PJ_TEMPLATES * RANK, USTRIDE = PJ_SLAB * RANK + 4;
+    constexpr int ROWS = (STARTS + 8) / 2;  // rows of P a thread sums per pass: two passes when nt0 <= 8 STARTS + 1
+    const int taps = (nt0 + STARTS - 1) / STARTS * STARTS, rows = TILE + taps - 1;
     float* P = staged;                           // [rows, 32 R]
-    float* slab = P + rows * width;              // [rows, PJ_SLAB] channels c0 .. c0 + PJ_SLAB - 1 of the batch
-    float* factors = slab + rows * PJ_SLAB;      // [32, ustride]: U of the chunk on those channels
+    float* slab = P + rows * WIDTH;              // [8 ROWS, PJ_SLAB]: channels c0 .. c0 + PJ_SLAB - 1 of the batch
+    float* factors = slab + 8 * ROWS * PJ_SLAB;  // [32, USTRIDE]: U of the chunk on those channels (16-byte rows)
     const int lane = threadIdx.x, row = threadIdx.y, tid = row * 32 + lane;
-    const int t0 = blockIdx.x * tile, k0 = blockIdx.y * PJ_TEMPLATES;
+    const int t0 = blockIdx.x * TILE, k0 = blockIdx.y * PJ_TEMPLATES;
     const int kc = min(PJ_TEMPLATES, K - k0);
     const int lo = window[2 * blockIdx.y], hi = window[2 * blockIdx.y + 1];
-    for (int g = 0; g < rows; g += 8 * PJ_ROWS) {
-        float acc[PJ_ROWS][PJ_MAX_RANK];
+    for (int g = 0; g < rows; g += 8 * ROWS) {
+        float acc[ROWS][RANK];
 #pragma unroll
-        for (int q = 0; q < PJ_ROWS; q++)
+        for (int q = 0; q < ROWS; q++)
 #pragma unroll
-            for (int r = 0; r < PJ_MAX_RANK; r++) acc[q][r] = 0.0f;
+            for (int r = 0; r < RANK; r++) acc[q][r] = 0.0f;
         for (int c0 = lo; c0 <= hi; c0 += PJ_SLAB) {
             __syncthreads();
-            for (int e = tid; e < rows * PJ_SLAB; e += 256) {
-                const int s = e / PJ_SLAB, c = c0 + e % PJ_SLAB;
-                slab[e] = (t0 + s < n && c <= hi) ? data[(size_t)(t0 + s) * C + c] : 0.0f;
+            for (int e = tid; e < 8 * ROWS * PJ_SLAB; e += 256) {
+                const int s = g + e / PJ_SLAB, c = c0 + e % PJ_SLAB;
+                slab[e] = (s < rows && t0 + s < n && c <= hi) ? data[(size_t)(t0 + s) * C + c] : 0.0f;
             }
-            for (int e = tid; e < PJ_TEMPLATES * PJ_SLAB * R; e += 256) {
-                const int kl = e / (PJ_SLAB * R), q = e % (PJ_SLAB * R), c = c0 + q / R;
-                factors[kl * ustride + q] = (kl < kc && c <= hi) ? U[((size_t)(k0 + kl) * C + c) * R + q % R] : 0.0f;
+            for (int e = tid; e < PJ_TEMPLATES * PJ_SLAB * RANK; e += 256) {
+                const int kl = e / (PJ_SLAB * RANK), q = e % (PJ_SLAB * RANK), c = c0 + q / RANK;
+                factors[kl * USTRIDE + q] = (kl < kc && c <= hi) ? U[((size_t)(k0 + kl) * C + c) * RANK + q % RANK]
+                                                                 : 0.0f;
             }
             __syncthreads();
-            for (int j = 0; j < PJ_SLAB; j++) {
-                float u[PJ_MAX_RANK];
+            const int span = min(PJ_SLAB, hi + 1 - c0);  // staged channels beyond hi are 0
+            for (int j = 0; j < span; j += 4) {
+                float u[4 * RANK];  // channels j .. j + 3, every rank
+                const float4* fu = reinterpret_cast<const float4*>(factors + lane * USTRIDE + j * RANK);
 #pragma unroll
-                for (int r = 0; r < PJ_MAX_RANK; r++) u[r] = r < R ? factors[lane * ustride + j * R + r] : 0.0f;
+                for (int v = 0; v < RANK; v++) {
+                    const float4 x = fu[v];
+                    u[4 * v] = x.x;
+                    u[4 * v + 1] = x.y;
+                    u[4 * v + 2] = x.z;
+                    u[4 * v + 3] = x.w;
+                }
 #pragma unroll
-                for (int q = 0; q < PJ_ROWS; q++) {
-                    const int s = g + row + 8 * q;
-                    const float d = s < rows ? slab[s * PJ_SLAB + j] : 0.0f;
+                for (int q = 0; q < ROWS; q++) {
+                    const float4 d = *reinterpret_cast<const float4*>(slab + (row + 8 * q) * PJ_SLAB + j);
 #pragma unroll
-                    for (int r = 0; r < PJ_MAX_RANK; r++) acc[q][r] = fmaf(d, u[r], acc[q][r]);
+                    for (int r = 0; r < RANK; r++) {
+                        acc[q][r] = fmaf(d.x, u[r], acc[q][r]);
+                        acc[q][r] = fmaf(d.y, u[RANK + r], acc[q][r]);
+                        acc[q][r] = fmaf(d.z, u[2 * RANK + r], acc[q][r]);
+                        acc[q][r] = fmaf(d.w, u[3 * RANK + r], acc[q][r]);
+                    }
                 }
             }
         }
 #pragma unroll
-        for (int q = 0; q < PJ_ROWS; q++) {
+        for (int q = 0; q < ROWS; q++) {
             const int s = g + row + 8 * q;
             if (s < rows)
-                for (int r = 0; r < R; r++) P[s * width + lane * R + r] = acc[q][r];
+#pragma unroll
+                for (int r = 0; r < RANK; r++) P[s * WIDTH + lane * RANK + r] = acc[q][r];
         }
     }
     __syncthreads();
     if (lane >= kc) return;
-    const int k = k0 + lane;
-    const int per = tile / 8;
-    float acc[PJ_MAX_STARTS];
+    const int k = k0 + lane, first = row * STARTS;  // the thread's first window start, from t0
+    float acc[STARTS];
 #pragma unroll
-    for (int q = 0; q < PJ_MAX_STARTS; q++) acc[q] = 0.0f;
-    for (int i = 0; i < nt0; i++) {
-        for (int r = 0; r < R; r++) {
-            const float w = Wt[((size_t)i * R + r) * K + k];
-            const float* p = P + (row + i) * width + lane * R + r;
+    for (int q = 0; q < STARTS; q++) acc[q] = 0.0f;
+#pragma unroll 1
+    for (int i0 = 0; i0 < taps; i0 += STARTS) {
 #pragma unroll
-            for (int q = 0; q < PJ_MAX_STARTS; q++)
-                if (q < per) acc[q] = fmaf(w, p[q * 8 * width], acc[q]);
+        for (int r = 0; r < RANK; r++) {
+            float w[STARTS], p[2 * STARTS - 1];
+#pragma unroll
+            for (int j = 0; j < STARTS; j++) w[j] = i0 + j < nt0 ? Wt[((size_t)(i0 + j) * RANK + r) * K + k] : 0.0f;
+            const float* column = P + (first + i0) * WIDTH + lane * RANK + r;
+#pragma unroll
+            for (int m = 0; m < 2 * STARTS - 1; m++) p[m] = column[m * WIDTH];
+#pragma unroll
+            for (int j = 0; j < STARTS; j++)
+#pragma unroll
+                for (int q = 0; q < STARTS; q++) acc[q] = fmaf(w[j], p[j + q], acc[q]);
         }
     }
 #pragma unroll
-    for (int q = 0; q < PJ_MAX_STARTS; q++) {
-        const int t = t0 + row + 8 * q;
-        if (q < per && t < n) B[(size_t)t * K + k] = t <= n - nt0 ? acc[q] : 0.0f;
+    for (int q = 0; q < STARTS; q++) {
+        const int t = t0 + first + q;
+        if (t < n) B[(size_t)t * K + k] = t <= n - nt0 ? acc[q] : 0.0f;
     }
+}
+
+template <int STARTS>
+__device__ __forceinline__ void projections_of_rank(const float* data, const float* U, const float* Wt,
+                                                    const int* window, float* B, const int n, const int C,
+                                                    const int K, const int nt0, const int R)
+{
+    extern __shared__ float4 staged4[];  // 16-byte aligned
+    float* staged = reinterpret_cast<float*>(staged4);
+    switch (R) {
+        case 1: projections_of_chunk<1, STARTS>(data, U, Wt, window, B, n, C, K, nt0, staged); break;
+        case 2: projections_of_chunk<2, STARTS>(data, U, Wt, window, B, n, C, K, nt0, staged); break;
+        case 3: projections_of_chunk<3, STARTS>(data, U, Wt, window, B, n, C, K, nt0, staged); break;
+        default: projections_of_chunk<4, STARTS>(data, U, Wt, window, B, n, C, K, nt0, staged); break;
+    }
+}
+
+// template_projections16 (tile 128) where the GPU's shared memory allows, template_projections8 (tile 64) otherwise.
+extern "C" __global__ void __launch_bounds__(256, 2) template_projections16(
+    const float* __restrict__ data, const float* __restrict__ U, const float* __restrict__ Wt,
+    const int* __restrict__ window, float* __restrict__ B, const int n, const int C, const int K, const int nt0,
+    const int R)
+{
+    projections_of_rank<16>(data, U, Wt, window, B, n, C, K, nt0, R);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) template_projections8(
+    const float* __restrict__ data, const float* __restrict__ U, const float* __restrict__ Wt,
+    const int* __restrict__ window, float* __restrict__ B, const int n, const int C, const int K, const int nt0,
+    const int R)
+{
+    projections_of_rank<8>(data, U, Wt, window, B, n, C, K, nt0, R);
 }
 
 // Cost of row t, computed by one warp: C[t, k] = (max(B, 0) + lam_mu_k)^2 / denom - lmm_k (lmm = lam_mu * mu);

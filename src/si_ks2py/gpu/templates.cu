@@ -2,9 +2,9 @@
 // (mexSVDsmall2.cu). Arrays are C-ordered, float64: dWU [K, nt0, C], W [K, nt0, R], U [K, C, R]; iC [C, NchanNear]
 // int64 nearest channels, iW [K] int64 peak channels. One block per template.
 
-// gram[k] = B_k B_k' [nt0, nt0], B_k = dWU[k] restricted to the neighbourhood iC[iW[k]] of its peak channel. The
-// block stages B_k ([nt0, n_near] doubles, dynamic shared memory) and each thread sums entries (i, j), j <= i,
-// over the channels in neighbourhood order; the upper triangle is the mirror.
+// gram[k] = B_k' B_k [n_near, n_near], B_k = dWU[k] restricted to the neighbourhood iC[iW[k]] of its peak channel
+// ([nt0, n_near]). The block stages B_k (doubles, dynamic shared memory) and each thread sums entries (a, b),
+// b <= a, over time in order; the upper triangle is the mirror.
 extern "C" __global__ void neighbourhood_gram(const double* __restrict__ dWU, const long long* __restrict__ iC,
                                               const long long* __restrict__ iW, double* __restrict__ gram,
                                               const int nt0, const int C, const int n_near)
@@ -17,14 +17,14 @@ extern "C" __global__ void neighbourhood_gram(const double* __restrict__ dWU, co
         local[e] = dWU[((size_t)k * nt0 + i) * C + channels[j]];
     }
     __syncthreads();
-    double* g = gram + (size_t)k * nt0 * nt0;
-    for (int e = threadIdx.x; e < nt0 * nt0; e += blockDim.x) {
-        const int i = e / nt0, j = e % nt0;
-        if (j > i) continue;
+    double* g = gram + (size_t)k * n_near * n_near;
+    for (int e = threadIdx.x; e < n_near * n_near; e += blockDim.x) {
+        const int a = e / n_near, b = e % n_near;
+        if (b > a) continue;
         double s = 0.0;
-        for (int c = 0; c < n_near; c++) s += local[i * n_near + c] * local[j * n_near + c];
-        g[i * nt0 + j] = s;
-        g[j * nt0 + i] = s;
+        for (int i = 0; i < nt0; i++) s += local[i * n_near + a] * local[i * n_near + b];
+        g[a * n_near + b] = s;
+        g[b * n_near + a] = s;
     }
 }
 
@@ -32,29 +32,47 @@ extern "C" __global__ void neighbourhood_gram(const double* __restrict__ dWU, co
 #define ALIGN_MAX_R 8    // rank, at most
 #define ALIGN_MAX_NUP 32 // sub-sample shifts, at most
 
-// From the eigenvectors of gram[k] (ascending eigenvalues, as columns of vectors[k] [nt0, nt0]): W_k the top R
-// of them, the first flipped to be negative at nt0min; U_k = B_k' W_k on the neighbourhood (0 elsewhere), mu_k
-// = sqrt(1e-7 + ||U_k||^2) and U_k / mu_k; then W_k's peak of |W_k[:, 0]| circularly shifted to nt0min, the
-// sub-sample shift j of largest |Ka[j] . W_k[:, 0]| applied to every rank (W_k <- Kb[j] W_k) and the first
-// factor flipped against the sign of that interpolated value. Ties of the maxima go to the first index.
+// From the eigenvectors of gram[k] (ascending eigenvalues, as columns of vectors[k] [n_near, n_near]): W_k the top
+// R of B_k v, each normalised (0 beyond B_k's rank: a squared norm under rank_tolerance of the first's, or beyond
+// n_near), the first flipped to be negative at nt0min; U_k = B_k' W_k on the neighbourhood (0 elsewhere), mu_k =
+// sqrt(1e-7 + ||U_k||^2) and U_k / mu_k; then W_k's peak of |W_k[:, 0]| circularly shifted to nt0min, the
+// sub-sample shift j of largest |Ka[j] . W_k[:, 0]| applied to every rank (W_k <- Kb[j] W_k) and the first factor
+// flipped against the sign of that interpolated value. Ties of the maxima go to the first index.
 extern "C" __global__ void align_templates(const double* __restrict__ vectors, const double* __restrict__ dWU,
                                            const long long* __restrict__ iC, const long long* __restrict__ iW,
                                            const double* __restrict__ Ka, const double* __restrict__ Kb,
                                            double* __restrict__ W, double* __restrict__ U, double* __restrict__ mu,
                                            const int nt0, const int C, const int n_near, const int R,
-                                           const int nup, const int nt0min)
+                                           const int nup, const int nt0min, const double rank_tolerance)
 {
     __shared__ double w[ALIGN_MAX_T][ALIGN_MAX_R];
     __shared__ double shifted[ALIGN_MAX_T][ALIGN_MAX_R];
     __shared__ double up[ALIGN_MAX_NUP];
     __shared__ double partial[32];
     __shared__ double norm;
+    __shared__ double eigenvalue[ALIGN_MAX_R];  // of B_k' B_k: ||B_k v||^2
     __shared__ int peak, shift;
     const int k = blockIdx.x, tid = threadIdx.x;
-    const double* v = vectors + (size_t)k * nt0 * nt0;
+    const long long* channels = iC + iW[k] * n_near;
+    const double* v = vectors + (size_t)k * n_near * n_near;
     for (int e = tid; e < nt0 * R; e += blockDim.x) {
         const int i = e / R, r = e % R;
-        w[i][r] = v[i * nt0 + (nt0 - 1 - r)];
+        double s = 0.0;
+        if (r < n_near)
+            for (int j = 0; j < n_near; j++)
+                s += dWU[((size_t)k * nt0 + i) * C + channels[j]] * v[j * n_near + (n_near - 1 - r)];
+        w[i][r] = s;
+    }
+    __syncthreads();
+    if (tid < R) {
+        double squares = 0.0;
+        for (int i = 0; i < nt0; i++) squares += w[i][tid] * w[i][tid];
+        eigenvalue[tid] = squares;
+    }
+    __syncthreads();
+    for (int e = tid; e < nt0 * R; e += blockDim.x) {
+        const double l = eigenvalue[e % R];
+        w[e / R][e % R] = l > rank_tolerance * eigenvalue[0] && l > 0.0 ? w[e / R][e % R] / sqrt(l) : 0.0;
     }
     __syncthreads();
     const double at_trough = w[nt0min][0];
@@ -64,7 +82,6 @@ extern "C" __global__ void align_templates(const double* __restrict__ vectors, c
     __syncthreads();
 
     // U on the neighbourhood, its norm, and U / mu
-    const long long* channels = iC + iW[k] * n_near;
     double* Uk = U + (size_t)k * C * R;
     for (int e = tid; e < C * R; e += blockDim.x) Uk[e] = 0.0;
     __syncthreads();
