@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .. import templates as tm
-from ..io import batch_prefetch, noise_units, open_whitened, owned_spikes
+from ..io import batch_prefetch, noise_units, on_own_streams, open_whitened, owned_spikes
 from ..probe import nearest_channels
 from ..progress import progress_bar
 from .reorder import isolated_peaks, spike_clips
@@ -100,15 +101,19 @@ def template_update(dWU, nsp, dWU0, nsp0, pm: float, p1: float):
     return dWU, p1 * nsp + (1 - p1) * nsp0
 
 
-def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, pm: float, features=None):
+def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, pm: float, features=None,
+                     on_residual=None):
     """One batch of matching pursuit with the current templates and the running-average update of ``state``.
 
     state: dict with W, U, mu, dWU, nsp (device arrays, float64); fixed: iC, iW, Ka, Kb and the templates'
     neighbours. Returns the pursuit's outputs over the batch read with its margins (st, ids, y, x, residual,
     features), the float32 templates W, U it used and ``owned`` [n_spikes] bool, the batch's own spikes.
+    ``on_residual(residual)``, when given, is called as soon as the pursuit is done, before the update.
     """
     xp = ops.xp
     if len(state["dWU"]) == 0:  # nothing learnt yet (e.g. a silent first batch): the residual is the data
+        if on_residual is not None:
+            on_residual(data)
         empty = xp.zeros(0, dtype=xp.int64)
         none_owned = xp.zeros(0, dtype=bool)
         return empty, empty, xp.zeros(0, xp.float32), xp.zeros(0, xp.float32), data, None, None, None, none_owned
@@ -119,6 +124,8 @@ def match_and_update(ops, data, state, fixed, params, k: int, threshold: float, 
     xcorr = ops.neighbor_xcorr(W32, U32, fixed["neighbors"])
     st, ids, y, x, residual, feat = ops.match_pursuit(data, W32, U32, mu32, fixed["neighbors"], xcorr, threshold,
                                                       params.lam, params.nInnerIter, features)
+    if on_residual is not None:
+        on_residual(residual)
     owned = owned_spikes(st + params.nt0min, params, k)
     # only the batch's confident spikes update the templates, in every phase
     dWU0, nsp0 = ops.accumulate_templates(residual, st, ids, y, W32, U32, len(W), owned & (x > params.Th[0]))
@@ -173,20 +180,36 @@ def run(ctx):
         state["nsp"] = xp.concatenate([state["nsp"], xp.full(n_new, m0)])[:max_templates]
         state["mu"] = xp.concatenate([state["mu"], xp.full(n_new, 10.0)])[:max_templates]
 
+    def seeds_of(residual):
+        new_dwu = seed_templates(ops, residual, wTEMP_d, wPCA_d, fixed["iC"], p)
+        ops.synchronize()  # of this thread's stream: the caller's stream uses the seeds
+        return new_dwu
+
     channel_overlap = tm.channel_overlap(iC, np.arange(n_chan), n_chan)  # [Nchan, Nchan]: neighbourhoods overlap
     bar = progress_bar(total=len(order), desc="learn", enabled=ctx.show_progress)
-    for ib, (k, raw) in enumerate(batch_prefetch(ctx, data, order)):
-        batch = noise_units(ctx, raw)
-        if ib == 0:
-            add_templates(seed_templates(ops, batch, wTEMP_d, wPCA_d, fixed["iC"], p))
-        sort_by_channel(ops, state, fixed, channel_overlap, p.nt0min)
-        residual = match_and_update(ops, batch, state, fixed, p, int(k), p.Th[0], momentum[ib])[4]
-        if ib < len(order) - 1:
-            if ib % 5 == 0:
-                select_templates(state, tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0))
-            add_templates(seed_templates(ops, residual, wTEMP_d, wPCA_d, fixed["iC"], p))
-        bar.set_postfix(templates=len(state["dWU"]))
-        bar.update()
+    # a batch's seeds are looked for in its residual by another thread (on a stream of its own) while this one
+    # updates the templates: the detection's GPU work then fills the time of the update's host work. The queued
+    # call holds the residual until the seeds are made.
+    with ThreadPoolExecutor(max_workers=1) as seeder:
+        seeds_on_own_stream, seeding = on_own_streams(ops, seeds_of), []
+
+        def start_seeding(residual):
+            seeding.append(seeder.submit(seeds_on_own_stream, residual))
+
+        for ib, (k, raw) in enumerate(batch_prefetch(ctx, data, order)):
+            batch = noise_units(ctx, raw)
+            if ib == 0:
+                add_templates(seed_templates(ops, batch, wTEMP_d, wPCA_d, fixed["iC"], p))
+            sort_by_channel(ops, state, fixed, channel_overlap, p.nt0min)
+            last = ib == len(order) - 1
+            match_and_update(ops, batch, state, fixed, p, int(k), p.Th[0], momentum[ib],
+                             on_residual=None if last else start_seeding)
+            if not last:
+                if ib % 5 == 0:
+                    select_templates(state, tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0))
+                add_templates(seeding.pop().result())
+            bar.set_postfix(templates=len(state["dWU"]))
+            bar.update()
     bar.close()
 
     keep = tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0)
