@@ -82,17 +82,17 @@ def write_phy(ctx, figures=None):
     template_feature_ind = np.asarray(ir.iNeigh)[np.where(np.arange(n_templates) < n_learnt,
                                                           np.arange(n_templates), parent)]
 
-    # the two feature files (most of the folder's bytes) are gathered and written by threads from here on
+    if figures is not None:  # drawn from these arrays while the files are written
+        figures.draw("templates", templates=templates, whitening_inv=whitening_inv,
+                     counts=np.bincount(clusters, minlength=n_templates), good=np.asarray(ir.good),
+                     xc=np.asarray(ir.xc), yc=np.asarray(ir.yc))
+        depths = spike_depths(ir.cProjPC, rows, np.asarray(ir.iNeighPC_s, dtype=np.int64), clusters,
+                              np.asarray(ir.yc, dtype=np.float64))
+        figures.draw("drift_map", times_s=st3[:, 0] / p.fs, depths=depths, amplitudes=st3[:, 2])
+    # the two feature files (most of the folder's bytes) are gathered and written by threads meanwhile
     with ThreadPoolExecutor(max_workers=2) as writers:
         features = [writers.submit(save_rows, folder / name, source, rows)
                     for name, source in (("pc_features.npy", ir.cProjPC), ("template_features.npy", ir.cProj))]
-        if figures is not None:  # drawn from these arrays while the files are written
-            figures.draw("templates", templates=templates, whitening_inv=whitening_inv,
-                         counts=np.bincount(clusters, minlength=n_templates), good=np.asarray(ir.good),
-                         xc=np.asarray(ir.xc), yc=np.asarray(ir.yc))
-            depths = spike_depths(ir.cProjPC, rows, np.asarray(ir.iNeighPC_s, dtype=np.int64), clusters,
-                                  np.asarray(ir.yc, dtype=np.float64))
-            figures.draw("drift_map", times_s=st3[:, 0] / p.fs, depths=depths, amplitudes=st3[:, 2])
         write_small_files(ctx, folder, st3, clusters, templates, whitening, whitening_inv, template_feature_ind)
         for written in features:
             written.result()
