@@ -26,7 +26,7 @@ extern "C" __global__ void dense_templates(const float* __restrict__ W, const fl
 
 #define PJ_TEMPLATES 32  // templates of a chunk (one per lane)
 #define PJ_SLAB 32       // channels of the batch staged at a time (read four at a time, as float4)
-#define PJ_MAX_RANK 4
+#define PJ_MAX_RANK 4   // largest rank projections_of_rank dispatches
 
 // Channel window of each chunk of PJ_TEMPLATES templates: window[2j] and window[2j + 1] are the first and the last
 // channel where a template of chunk j has a non-zero spatial factor (C and -1 for a chunk without any). Templates
@@ -82,7 +82,7 @@ __device__ __forceinline__ void projections_of_chunk(const float* __restrict__ d
                                                      const int nt0, float* staged)
 {
     constexpr int TILE = 8 * STARTS, WIDTH = PJ_TEMPLATES * RANK, USTRIDE = PJ_SLAB * RANK + 4;
-    constexpr int ROWS = (STARTS + 8) / 2;  // rows of P a thread sums per pass: two passes when nt0 <= 8 STARTS + 1
+    constexpr int ROWS = (STARTS + 8) / 2;  // rows of P a thread sums per pass: two passes when nt0 <= 64
     const int taps = (nt0 + STARTS - 1) / STARTS * STARTS, rows = TILE + taps - 1;
     float* P = staged;                           // [rows, 32 R]
     float* slab = P + rows * WIDTH;              // [8 ROWS, PJ_SLAB]: channels c0 .. c0 + PJ_SLAB - 1 of the batch
@@ -182,7 +182,7 @@ __device__ __forceinline__ void projections_of_rank(const float* data, const flo
         case 1: projections_of_chunk<1, STARTS>(data, U, Wt, window, B, n, C, K, nt0, staged); break;
         case 2: projections_of_chunk<2, STARTS>(data, U, Wt, window, B, n, C, K, nt0, staged); break;
         case 3: projections_of_chunk<3, STARTS>(data, U, Wt, window, B, n, C, K, nt0, staged); break;
-        default: projections_of_chunk<4, STARTS>(data, U, Wt, window, B, n, C, K, nt0, staged); break;
+        default: projections_of_chunk<PJ_MAX_RANK, STARTS>(data, U, Wt, window, B, n, C, K, nt0, staged); break;
     }
 }
 

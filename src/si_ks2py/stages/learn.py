@@ -199,7 +199,7 @@ def run(ctx):
         for ib, (k, raw) in enumerate(batch_prefetch(ctx, data, order)):
             batch = noise_units(ctx, raw)
             if ib == 0:
-                add_templates(seed_templates(ops, batch, wTEMP_d, wPCA_d, fixed["iC"], p))
+                add_templates(seeds_of(batch))
             sort_by_channel(ops, state, fixed, channel_overlap, p.nt0min)
             last = ib == len(order) - 1
             match_and_update(ops, batch, state, fixed, p, int(k), p.Th[0], momentum[ib],
