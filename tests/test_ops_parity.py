@@ -609,3 +609,43 @@ def test_split_pursuits_on_gpu_match_host(gpu):
         assert [r is not None for r in on_host] == [True, False, True, False]
         for result, side in zip(on_host[::2], labels[::2]):
             assert min(np.mean(result[0] == side), np.mean(result[0] != side)) < 0.01
+
+
+def drift_grid(n_chan: int):
+    """The drift detector's grid on a 2-column probe of n_chan channels (20 um pitch, columns 32 um apart)."""
+    from si_ks2py.stages.drift import detector_grid
+
+    xc = np.tile([0.0, 32.0], n_chan // 2)
+    yc = np.repeat(np.arange(n_chan // 2) * 20.0, 2)
+    return detector_grid(xc, yc, np.zeros(n_chan, dtype=np.int64))
+
+
+@pytest.mark.parametrize("kind", ["noise", "recording"])
+def test_grid_amplitudes_and_their_peaks(gpu, kind):
+    rng = np.random.default_rng(11)
+    n_chan = 64
+    grid = drift_grid(n_chan)
+    W, U, mu, _, _ = synthetic_templates(n_chan, 32, rng)
+    wTEMP = waveform_pcs(W, 6)
+    if kind == "noise":
+        data, threshold = rng.normal(size=(BATCH // 4, n_chan)).astype(np.float32), 4.0
+    else:
+        data, _, _ = place_spikes(BATCH // 2, W, U, mu, 800, rng)
+        threshold = 8.0
+    filtered = cpu.correlate_valid(data, wTEMP)
+    expected = cpu.grid_amplitudes(filtered, grid.iC, grid.weights, threshold)
+    got = gpu.to_host(gpu.grid_amplitudes(gpu.asarray(filtered), gpu.asarray(grid.iC), gpu.asarray(grid.weights),
+                                          threshold))
+    assert got.shape == (len(data), len(grid.x)) and got.dtype == np.float32 and (got >= 0).all()
+    assert (expected > 0).sum() > 100
+    # values within rounding of the threshold may be kept by one twin and not the other
+    close = np.abs(np.maximum(got, expected) - threshold) < 1e-4 * threshold
+    np.testing.assert_allclose(got[~close], expected[~close], rtol=0, atol=1e-5 * np.abs(expected).max())
+    peaks = cpu.local_peaks(expected, grid.neighbours, threshold, NT0, NT0MIN)
+    got_peaks = [gpu.to_host(a) for a in gpu.local_peaks(gpu.asarray(expected), gpu.asarray(grid.neighbours),
+                                                         threshold, NT0, NT0MIN)]
+    diff, total = multiset_mismatch(peaks[0], peaks[1], got_peaks[0], got_peaks[1])
+    print(f"[diag] grid peaks {kind}: {diff} of {total} differ")
+    assert total > 50 and diff == 0  # same input: the same peaks
+    again = gpu.grid_amplitudes(gpu.asarray(filtered), gpu.asarray(grid.iC), gpu.asarray(grid.weights), threshold)
+    assert_bitwise_equal([got], [gpu.to_host(again)])

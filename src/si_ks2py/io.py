@@ -282,6 +282,12 @@ class WhitenedData:
         return self.read(ops, stride * k - margin, stride * (k + 1) + margin)
 
 
+def write_rows(f, data: np.ndarray, rows: int = 2 ** 16):
+    """Write the rows of ``data`` to the open file ``f``, 2**16 rows at a time (no copy of the whole array)."""
+    for start in range(0, len(data), rows):
+        f.write(memoryview(data[start:start + rows]))
+
+
 def whitened_fits_in_memory(n_bytes: int) -> bool:
     """Whether the whitened data may be held in host memory: at most half of the memory available now."""
     try:

@@ -20,14 +20,14 @@ from .context import Bunch
 
 #: Pipeline stages in run order; a param belongs to the first stage that reads it, and a change to it
 #: invalidates that stage and everything after it. "run" params never change results.
-STAGES = ("preprocess", "reorder", "learn", "extract", "merge", "split", "cutoff", "export")
+STAGES = ("preprocess", "drift", "reorder", "learn", "extract", "merge", "split", "cutoff", "export")
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
     default: Any
-    kind: str  # int | float | bool | pair | int_pair | choice | path | tmp_files | trange
+    kind: str  # int | float | bool | pair | int_pair | choice | path | tmp_files | trange | motion
     stage: str
     description: str
     ks2_name: str | None = None
@@ -77,6 +77,25 @@ PARAMS: tuple[Param, ...] = (
           "GPU runs out of memory.", low=1024, high=2**24, allow_none=True),
     Param("AUCsplit", 0.9, "float", "split", "Minimum isolation (area under the curve, max 1) each half of a "
           "cluster needs for the cluster to be split.", low=0, high=1),
+    # --- options of SpikeInterface's kilosort2_5 wrapper (drift correction, Kilosort 2.5's datashift2) ---
+    Param("do_correction", True, "bool", "drift",
+          "Estimate the drift of the tissue along the probe and correct the whitened data for it by kriging "
+          "interpolation (Kilosort 2.5's datashift2) before the later stages; batches then stay in time order. "
+          "False gives Kilosort 2.0's behaviour (no correction, batches reordered by similarity)."),
+    Param("nblocks", 5, "int", "drift",
+          "Vertical blocks of the non-rigid drift estimate: 0 turns drift correction off (as do_correction=False), "
+          "1 estimates a rigid drift, n >= 2 estimates 2n - 1 overlapping blocks per shank.", low=0, high=100),
+    Param("sig", 20.0, "float", "drift",
+          "Spatial scale (um) of the kriging kernel that interpolates the data at the corrected positions "
+          "(exp(-|dx|/sig - |dy|/(1.5 sig))).", low=1, high=1000),
+    Param("drift_detect_threshold", 8.0, "float", "drift",
+          "Threshold of the drift detector (matched-filter SNR of the generic templates; Kilosort 2.5 hard-codes "
+          "8).", low=2, high=100),
+    Param("motion", None, "motion", "drift",
+          "A drift estimated elsewhere, used instead of ks2py's estimate: a SpikeInterface Motion (e.g. from "
+          "spikeinterface.preprocessing.compute_motion) or the folder it was saved to with Motion.save (pass "
+          "the folder through run_sorter, whose params must be JSON). Its displacement follows SpikeInterface's "
+          "sign (a spike recorded at depth y came from y - displacement).", allow_none=True),
     Param("wave_length", 61, "int", "preprocess", "Template length in samples at 30 kHz (odd; 61 = 2 ms); scaled "
           "to the recording's sampling rate.", "nt0", low=11, high=127),
     Param("keep_good_only", False, "bool", "export", "Return only the units labelled 'good'."),
@@ -175,6 +194,10 @@ def _check_value(p: Param, v):
     elif p.kind == "path":
         if not isinstance(v, (str, bytes)) and not hasattr(v, "__fspath__"):
             raise ValueError(f"ks2py param '{p.name}' must be a folder path or None, got {v!r}")
+    elif p.kind == "motion":
+        if not (isinstance(v, (str, bytes)) or hasattr(v, "__fspath__") or type(v).__name__ == "Motion"):
+            raise ValueError(f"ks2py param '{p.name}' must be a SpikeInterface Motion, the folder of a saved "
+                             f"Motion, or None, got {v!r}")
     elif p.kind == "tmp_files":
         if isinstance(v, (bool, np.bool_)):
             return
@@ -224,6 +247,11 @@ def validate(params: dict, sampling_frequency: float | None = None) -> dict:
         raise ValueError(f"ks2py param 'NT' = {NT} is too small: NT - ntbuff must be at least "
                          f"2 * wave_length = {2 * full['wave_length']} samples")
     return full
+
+
+def drift_correction_on(params: dict) -> bool:
+    """Whether the drift stage runs: do_correction and nblocks > 0, or a motion given."""
+    return params["motion"] is not None or (bool(params["do_correction"]) and params["nblocks"] > 0)
 
 
 def template_length(wave_length: int, fs: float) -> int:
@@ -276,6 +304,10 @@ def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
         nPCs=int(p["nPCs"]),
         nfilt_factor=int(p["nfilt_factor"]),
         reorder=bool(p["reorder"]),
+        do_correction=drift_correction_on(p),
+        nblocks=int(p["nblocks"]),
+        sig=float(p["sig"]),
+        drift_spkTh=float(p["drift_detect_threshold"]),
         loc_range=[int(x) for x in p["loc_range"]],
         long_range=[int(x) for x in p["long_range"]],
         scaleproc=200.0 if p["scaleproc"] is None else float(p["scaleproc"]),

@@ -32,7 +32,7 @@ logger = logging.getLogger("si_ks2py")
 
 #: Cached stages in run order (export always runs). Bump a stage's version when its results change.
 STAGES = tuple(s for s in params_module.STAGES if s != "export")
-STAGE_VERSIONS = {"preprocess": 3, "reorder": 6, "learn": 5, "extract": 3, "merge": 1, "split": 4, "cutoff": 1}
+STAGE_VERSIONS = {"preprocess": 3, "drift": 1, "reorder": 6, "learn": 5, "extract": 3, "merge": 1, "split": 4, "cutoff": 1}
 
 
 def recording_fingerprint(recording) -> str:
@@ -51,10 +51,25 @@ def recording_fingerprint(recording) -> str:
     return fingerprint(parts)
 
 
+def active_stages(full_params: dict) -> tuple[str, ...]:
+    """The stages this run goes through: the drift stage only where drift correction is on, so that a sort without
+    it has the same stages (and cache) as Kilosort 2.0's pipeline."""
+    return tuple(s for s in STAGES if s != "drift" or params_module.drift_correction_on(full_params))
+
+
+def param_identity(name: str, value):
+    """What of a param's value enters the fingerprints: the value, or for a Motion its content."""
+    if name == "motion" and value is not None:
+        from .stages.drift import motion_identity
+
+        return motion_identity(value)
+    return value
+
+
 def stage_fingerprints(recording_fp: str, full_params: dict) -> dict[str, str]:
     fps, fp = {}, recording_fp
-    for stage in STAGES:
-        values = {name: full_params[name] for name in params_module.params_of_stage(stage)}
+    for stage in active_stages(full_params):
+        values = {name: param_identity(name, full_params[name]) for name in params_module.params_of_stage(stage)}
         fp = fingerprint(fp, stage, STAGE_VERSIONS[stage], values)
         fps[stage] = fp
     return fps
@@ -81,7 +96,7 @@ def check_recording(recording):
 #: Stage modules imported with the op table, before the sort starts; the later ones (the post-processing, whose
 #: imports of numba and the host op table take about 0.3 s) are imported in the background once learning starts:
 #: its batches leave the interpreter idle while they wait for the GPU.
-FIRST_STAGES = ("preprocess", "reorder", "learn", "extract")
+FIRST_STAGES = ("preprocess", "drift", "reorder", "learn", "extract")
 PRELOAD_DURING = "learn"
 
 
@@ -151,7 +166,7 @@ def _declared(stage: str, attribute: str) -> tuple:
         return None
 
 
-def stages_to_run(ctx, stages: tuple[str, ...] = STAGES) -> list[str]:
+def stages_to_run(ctx, stages: tuple[str, ...]) -> list[str]:
     """From the first stage that is not cached on; plus the producer of a missing file a running stage reads."""
     ir = ctx.intermediate
 
@@ -204,7 +219,9 @@ def out_of_memory_advice(stage: str, params, err: BaseException) -> str:
 
 def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
     ir = ctx.intermediate
-    stages = STAGES if stop_after is None else STAGES[:STAGES.index(stop_after) + 1]
+    stages = active_stages(ctx.user_params)
+    if stop_after is not None:
+        stages = stages[:stages.index(stop_after) + 1]
     to_run = stages_to_run(ctx, stages)
     try:
         for stage in stages:

@@ -71,6 +71,45 @@ def drift_map(path, times_s, depths, amplitudes):
     save_png(fig, path)
 
 
+DRIFT_POINTS = 300_000  # spikes drawn per panel of the drift-correction figure, at most (a random subset)
+
+
+def drift_points(ax, times_s, depths, amplitudes, threshold):
+    """Kilosort's drift map in one panel: each spike a dot at its time and depth, darker the larger (grey level
+    1 - amplitude / 40 from the detection threshold up), the larger ones drawn last."""
+    if len(times_s) > DRIFT_POINTS:
+        chosen = np.random.default_rng(0).choice(len(times_s), DRIFT_POINTS, replace=False)
+        times_s, depths, amplitudes = times_s[chosen], depths[chosen], amplitudes[chosen]
+    order = np.argsort(amplitudes, kind="stable")
+    grey = np.clip(1 - (amplitudes[order] - threshold) / 40, 0, 0.92)
+    ax.scatter(times_s[order], depths[order], s=0.6, c=np.repeat(grey[:, None], 3, axis=1), linewidths=0,
+               rasterized=True)
+
+
+def drift_correction(path, times_s, depths, corrected, amplitudes, shanks, batch_times_s, dshift, yblk, threshold):
+    """The drift detector's spikes before and after the correction (one row of two panels per shank), with the
+    estimated position of each block's reference depth (yblk - dshift) drawn over the recorded data."""
+    n_shanks = len(yblk)
+    fig = new_figure((12, 1.5 + 4 * n_shanks))
+    axes = np.atleast_2d(fig.subplots(n_shanks, 2, sharex=True, squeeze=False))
+    for index in range(n_shanks):
+        mine = shanks == index
+        before, after = axes[index]
+        drift_points(before, times_s[mine], depths[mine], amplitudes[mine], threshold)
+        drift_points(after, times_s[mine], corrected[mine], amplitudes[mine], threshold)
+        for j in range(yblk.shape[1]):
+            before.plot(batch_times_s, yblk[index, j] - dshift[:, index, j], color="C3", linewidth=1)
+            after.axhline(yblk[index, j], color="C3", linewidth=0.5, alpha=0.5)
+        label = f" (shank {index})" if n_shanks > 1 else ""
+        before.set(ylabel="depth (um)", title=f"recorded, with the estimated drift of each block{label}")
+        after.set(title=f"after the drift correction{label}")
+        after.sharey(before)
+    for ax in axes[-1]:
+        ax.set(xlabel="time (s)")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
 def largest_templates(path, templates, whitening_inv, counts, good, xc, yc, n_show=16):
     """Unwhitened templates of the units with most spikes, each drawn at its channel positions in a cell of a 4-column
     grid (one axes and one line collection per label: drawing 16 subplots took most of the figures' time)."""
@@ -142,7 +181,13 @@ def draw_drift_map(qc: Path, times_s, depths, amplitudes):
     drift_map(qc / "drift_map.png", np.asarray(times_s), np.asarray(depths), np.asarray(amplitudes))
 
 
-FIGURES = {"batch_similarity": draw_batch_figure, "templates": draw_templates_figure, "drift_map": draw_drift_map}
+def draw_drift_correction(qc: Path, **arrays):
+    """qc/drift_correction.png: the arrays of drift_correction."""
+    drift_correction(qc / "drift_correction.png", **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+FIGURES = {"batch_similarity": draw_batch_figure, "templates": draw_templates_figure, "drift_map": draw_drift_map,
+           "drift_correction": draw_drift_correction}
 
 
 DRAWERS = 2  # processes drawing side by side: the templates and the drift map are asked for together

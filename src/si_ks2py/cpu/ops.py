@@ -146,20 +146,12 @@ def _peaks(err, threshold, lockout):
     return np.flatnonzero(above & local & (err > left_max))
 
 
-def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
-    """Spikes whose PC-projection norm peaks above ``threshold``, with their PC features (mexThSpkPC.cu).
-
-    data: [n, Nchan] float32 whitened batch. wPCA: [nt0, nPCs] float32. iC: [Nchan, NchanNear] int nearest channels
-    (itself first). The projection norm ``P[t, c] = ||wPCA' data[t:t+nt0, c]||`` is computed for window starts
-    t <= n - nt0. A spike sits at (t, c) when P[t, c] is the maximum of P over [t - nt0min + 1, t - nt0min + nt0]
-    on channel c and no neighbour channel has a larger such maximum, and exceeds ``threshold``.
-    Returns (times [n_spikes] int64: window starts, channels [n_spikes] int64, features [n_spikes, NchanNear,
-    nPCs] float32: the projections of the window at ``times`` on the neighbour channels), sorted by (time, channel).
-    """
-    n, n_chan = data.shape
-    nt0 = wPCA.shape[0]
-    projections = correlate_valid(data, wPCA)  # [n, Nchan, nPCs]
-    norm = np.sqrt((projections.astype(np.float64) ** 2).sum(axis=2)).astype(np.float32)
+def local_peaks(norm, iC, threshold: float, nt0: int, nt0min: int):
+    """Where ``norm`` [n, C] float32 (>= 0, a score per window start and channel or grid point) peaks: at (t, c)
+    when norm[t, c] is the maximum over [t - nt0min + 1, t - nt0min + nt0] on c, exceeds ``threshold``, and no
+    neighbour iC[c, 1:] ([C, n_near] int, itself first) has a larger such maximum; window starts t <= n - nt0.
+    Returns (t, c) int64, sorted by (time, channel)."""
+    n = norm.shape[0]
     # forward window max: wmax[s, c] = max(P[s:s+nt0, c]); a peak at t is the max of the window s = t - nt0min + 1
     wmax = ndimage.maximum_filter1d(norm, nt0, axis=0, origin=-(nt0 // 2), mode="constant", cval=0)
     wmax = np.where(wmax > threshold, wmax, 0)
@@ -171,15 +163,62 @@ def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
     at_peak[valid] = peak_of_window & (wmax[s[valid]] > threshold)
     t, c = np.nonzero(at_peak)
     if len(t) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, iC.shape[1], wPCA.shape[1]), np.float32)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     win = wmax[s[t], c]
     neighbour_max = wmax[s[t][:, None], iC[c][:, 1:]].max(axis=1) if iC.shape[1] > 1 else np.zeros_like(win)
     keep = neighbour_max <= win
     t, c = t[keep], c[keep]
     order = np.lexsort((c, t))
-    t, c = t[order], c[order]
+    return t[order].astype(np.int64), c[order].astype(np.int64)
+
+
+def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
+    """Spikes whose PC-projection norm peaks above ``threshold``, with their PC features (mexThSpkPC.cu).
+
+    data: [n, Nchan] float32 whitened batch. wPCA: [nt0, nPCs] float32. iC: [Nchan, NchanNear] int nearest channels
+    (itself first). The projection norm ``P[t, c] = ||wPCA' data[t:t+nt0, c]||`` is computed for window starts
+    t <= n - nt0; a spike sits where it peaks (local_peaks).
+    Returns (times [n_spikes] int64: window starts, channels [n_spikes] int64, features [n_spikes, NchanNear,
+    nPCs] float32: the projections of the window at ``times`` on the neighbour channels), sorted by (time, channel).
+    """
+    projections = correlate_valid(data, wPCA)  # [n, Nchan, nPCs]
+    norm = np.sqrt((projections.astype(np.float64) ** 2).sum(axis=2)).astype(np.float32)
+    t, c = local_peaks(norm, iC, threshold, wPCA.shape[0], nt0min)
+    if len(t) == 0:
+        return t, c, np.zeros((0, iC.shape[1], wPCA.shape[1]), np.float32)
     features = projections[t[:, None], iC[c], :]
-    return t.astype(np.int64), c.astype(np.int64), np.ascontiguousarray(features)
+    return t, c, np.ascontiguousarray(features)
+
+
+GRID_ROWS_PER_CHUNK = 2048  # window starts of grid_amplitudes' gathered responses at a time
+
+
+def grid_amplitudes(filtered, iC, weights, threshold: float):
+    """Matched-filter amplitudes of generic templates on a grid (sumChannels of Kilosort 2.5's spikedetector3.cu).
+
+    filtered: [n, C, R] float32, each channel correlated with R temporal prototypes (correlate_valid); iC: [G, J]
+    int, the channels of each grid point's footprints; weights: [G, J, S] float32, S spatial footprints of unit
+    norm. Returns amp [n, G] float32 = max over (r, s) of max(0, sum_j weights[g, j, s] filtered[t, iC[g, j], r])
+    where that exceeds ``threshold``, else 0.
+
+    Only the window starts where the J largest squared responses of some prototype sum to more than threshold^2
+    are computed: by Cauchy-Schwarz (unit-norm footprints) no amplitude elsewhere exceeds the threshold, and
+    whitened noise rarely passes, so most of the (slow, on the CPU) gathers are skipped.
+    """
+    n, C, R = filtered.shape
+    G, J, S = weights.shape
+    out = np.zeros((n, G), dtype=np.float32)
+    squares = filtered * filtered
+    top = np.partition(squares, C - J, axis=1)[:, C - J:].sum(axis=1) if J < C else squares.sum(axis=1)
+    rows = np.flatnonzero((top > threshold * threshold).any(axis=1))
+    w = np.ascontiguousarray(weights.astype(np.float32))  # [G, J, S]
+    for start in range(0, len(rows), GRID_ROWS_PER_CHUNK):
+        chunk = rows[start:start + GRID_ROWS_PER_CHUNK]
+        gathered = filtered[chunk][:, iC]  # [m, G, J, R]
+        scores = np.matmul(gathered.transpose(1, 0, 3, 2), w[:, None])  # [G, m, R, S]
+        best = scores.reshape(G, len(chunk), R * S).max(axis=2).T  # [m, G]
+        out[chunk] = np.where(best > threshold, best, 0)
+    return out
 
 
 def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spacing: int = 5):

@@ -26,6 +26,31 @@ def queue_batch_figure(figures: FigureProcess, ir):
     figures.draw("batch_similarity", ccb=np.asarray(ir.ccb), iorig=np.asarray(ir.iorig))
 
 
+def drift_outputs(ctx, figures: FigureProcess | None):
+    """Where the drift stage ran: the motion as SpikeInterface Motion folders (motion/, or motion/shank<k>/ per
+    shank of a multi-shank probe) and the drift-correction figure."""
+    from ..stages.drift import batch_times_s, interpolate_shifts
+    from .motion import save_motion
+
+    ir, p = ctx.intermediate, ctx.params
+    times = batch_times_s(ctx.raw_data, p)
+    dshift, yblk, st0 = np.asarray(ir.dshift), np.asarray(ir.yblk), np.asarray(ir.st0)
+    save_motion(ctx.output_folder / "motion", dshift, yblk, times)
+    if figures is None:
+        return
+    stride = p.NT - p.ntbuff
+    batch = np.minimum(st0[:, 0] // stride, p.Nbatch - 1).astype(np.int64)
+    shank = st0[:, 3].astype(np.int64)
+    corrected = st0[:, 1].copy()
+    for index in range(len(yblk)):  # first order: a spike recorded at y is at y + dshift(y) after correction
+        mine = np.flatnonzero(shank == index)
+        at_depth = interpolate_shifts(yblk[index], dshift[:, index].T, st0[mine, 1])  # [n, Nbatch]
+        corrected[mine] += at_depth[np.arange(len(mine)), batch[mine]]
+    figures.draw("drift_correction", times_s=st0[:, 0] / p.fs, depths=st0[:, 1], corrected=corrected,
+                 amplitudes=st0[:, 2], shanks=shank, batch_times_s=(stride * np.arange(p.Nbatch) + stride / 2) / p.fs,
+                 dshift=dshift, yblk=yblk, threshold=np.float64(p.drift_spkTh))
+
+
 def save_rez(ctx):
     """rez.mat: the main results under Kilosort's names (0-based indices, spikes after cutoff)."""
     from scipy.io import savemat
@@ -53,6 +78,8 @@ def run_export(ctx):
             figures = stack.enter_context(FigureProcess(ctx.output_folder))
             queue_batch_figure(figures, ir)
         t = time.perf_counter()
+        if ir.has("dshift"):
+            drift_outputs(ctx, figures)
         write_phy(ctx, figures)
         ctx.timings["export"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -1,6 +1,6 @@
 """CuPy ops (same names, signatures and outputs as the NumPy twins in si_ks2py.cpu.ops).
 
-Kernels live in the .cu files of this package (preprocess.cu, detect.cu, pursuit.cu, templates.cu, split.cu) and
+Kernels live in the .cu files of this package (preprocess.cu, detect.cu, drift.cu, pursuit.cu, templates.cu, split.cu) and
 are compiled once per process with cupy.RawModule (kernels.py; CuPy also caches the binaries on disk). Matrix
 products go through cuBLAS (``@``). The split's per-segment ops are in segments.py and part of this table.
 
@@ -294,29 +294,54 @@ def _peaks(err, threshold, lockout):
     return cp.flatnonzero(flags)
 
 
-def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
-    """See si_ks2py.cpu.ops.pc_threshold_spikes."""
-    data, wPCA, iC = f32(data), f32(wPCA), i64(iC)
-    n, C = data.shape
-    nt0, P = wPCA.shape
-    n_near = iC.shape[1]
-    projections = correlate_valid(data, wPCA)  # [n, C, P]
+def local_peaks(norm, iC, threshold: float, nt0: int, nt0min: int):
+    """See si_ks2py.cpu.ops.local_peaks."""
+    norm, iC = f32(norm), i64(iC)
+    n, C = norm.shape
     total = n * C
-    norm = cp.empty((n, C), dtype=cp.float32)
     wmax = cp.empty((n, C), dtype=cp.float32)
     flags = cp.zeros((n, C), dtype=cp.uint8)
     if total:
         grid = blocks(total, 256)
-        launch("detect", "projection_norm", grid, (256,), (projections, norm, np.int64(total), i32(P)))
         launch("detect", "window_max_above", grid, (256,),
                (norm, wmax, i32(n), i32(C), i32(nt0), np.float32(threshold)))
         launch("detect", "pc_peak_flags", grid, (256,),
-               (norm, wmax, iC, flags, i32(n), i32(C), i32(nt0), i32(nt0min), i32(n_near),
+               (norm, wmax, iC, flags, i32(n), i32(C), i32(nt0), i32(nt0min), i32(iC.shape[1]),
                 np.float32(threshold)))
     index = cp.flatnonzero(flags)  # row-major: sorted by (time, channel)
-    t, c = index // C, index % C
+    return index // C, index % C
+
+
+def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
+    """See si_ks2py.cpu.ops.pc_threshold_spikes."""
+    data, wPCA, iC = f32(data), f32(wPCA), i64(iC)
+    n, C = data.shape
+    P = wPCA.shape[1]
+    projections = correlate_valid(data, wPCA)  # [n, C, P]
+    norm = cp.empty((n, C), dtype=cp.float32)
+    if n * C:
+        launch("detect", "projection_norm", blocks(n * C, 256), (256,), (projections, norm, np.int64(n * C), i32(P)))
+    t, c = local_peaks(norm, iC, threshold, wPCA.shape[0], nt0min)
     features = projections[t[:, None], iC[c], :]
     return t, c, cp.ascontiguousarray(features)
+
+
+_GA_MAX_R, _GA_MAX_S = 8, 8  # GA_MAX_R, GA_MAX_S in drift.cu
+
+
+def grid_amplitudes(filtered, iC, weights, threshold: float):
+    """See si_ks2py.cpu.ops.grid_amplitudes."""
+    filtered, iC, weights = f32(filtered), i64(iC), f32(weights)
+    n, C, R = filtered.shape
+    G, J, S = weights.shape
+    if R > _GA_MAX_R or S > _GA_MAX_S:
+        raise ValueError(f"grid_amplitudes takes at most {_GA_MAX_R} prototypes and {_GA_MAX_S} footprints, got "
+                         f"{R} and {S}")
+    out = cp.empty((n, G), dtype=cp.float32)
+    if out.size:
+        launch("drift", "grid_amplitudes", blocks(n * G, 256), (256,),
+               (filtered, iC, weights, out, i32(n), i32(C), i32(R), i32(G), i32(J), i32(S), np.float32(threshold)))
+    return out
 
 
 def prototype_spikes(data, wTEMP, iC, n_sum: int, threshold: float, channel_spacing: int = 5):

@@ -27,7 +27,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..io import (RecordingReader, chunk_windows, is_pinned, large_host_array, on_own_streams, pin_when_populated,
-                  prefetch, whitened_fits_in_memory)
+                  prefetch, whitened_fits_in_memory, write_rows)
 from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
@@ -281,11 +281,6 @@ def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store
     bar.close()
 
 
-def write_rows(f, data: np.ndarray, rows: int = 2 ** 16):
-    for start in range(0, len(data), rows):
-        f.write(memoryview(data[start:start + rows]))
-
-
 def run(ctx):
     params, probe, ops, ir = ctx.params, ctx.probe, ctx.ops, ctx.intermediate
     reader = RecordingReader(ctx.raw_data, params.t_start, params.t_stop, probe.chanMap)
@@ -332,7 +327,8 @@ def run(ctx):
             return whitened if is_pinned(pinning) else None
 
         write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, STORE_WORKERS, pinned_copy)
-        ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, whitened))
+        if not params.do_correction:  # else the drift stage corrects the copy in place, then writes the file
+            ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, whitened))
         ctx.whitened = whitened
     else:
         with ir.write_file("temp_wh.dat") as tmp, open(tmp, "wb") as f:

@@ -3,7 +3,8 @@
 Each batch's spikes (threshold crossings of their PC-projection norm) are clustered into ceil(Nchan/2)
 templates; ``ccb[i, b]`` is the spike-weighted distance from batch b's templates to their best match among
 batch i's. The z-scored, symmetrised ``ccb`` is embedded on a line, and ``iorig`` lists the batches along it,
-so neighbouring batches look alike. ``reorder=False`` keeps the time order.
+so neighbouring batches look alike. ``reorder=False`` keeps the time order, and so does drift correction (the
+data are corrected, and Kilosort 2.5 has no reordering).
 
 Batches with almost no spikes (under a tenth of the median count: a silent stretch, an unplugged period) go to
 the end of ``iorig``, and ``n_active`` counts the others: learning starts in the middle of the active batches.
@@ -213,7 +214,7 @@ def keep_time_order(ir, n_batch: int):
 def run(ctx):
     ops, p, ir = ctx.ops, ctx.params, ctx.intermediate
     xp = ops.xp
-    if not p.reorder or p.Nbatch < 3:
+    if not p.reorder or p.Nbatch < 3 or p.do_correction:  # corrected data: time order, as Kilosort 2.5
         keep_time_order(ir, p.Nbatch)
         return
     data = open_whitened(ctx)
