@@ -40,8 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-SETS = ("static", "drift")
-SORTERS = ("ks2py", "kilosort4")
+SETS = ("static", "drift", "np2")
+SORTERS = ("ks2py", "ks2py_nocorrection", "kilosort4")
+#: ks2py variants: extra params of their sorts
+KS2PY_PARAMS = {"ks2py": {}, "ks2py_nocorrection": {"do_correction": False}}
 
 
 def neuropixels_1_probe(num_channels: int = 384):
@@ -52,31 +54,66 @@ def neuropixels_1_probe(num_channels: int = 384):
     return probe
 
 
+def neuropixels_2_four_shanks():
+    """A Neuropixels 2.0 4-shank layout of 384 channels: 4 shanks 250 um apart, each 2 columns 32 um apart of 48
+    sites every 15 um (96 channels a shank)."""
+    from probeinterface import generate_multi_shank
+
+    probe = generate_multi_shank(num_shank=4, shank_pitch=[250, 0], num_columns=2, num_contact_per_column=48,
+                                 xpitch=32, ypitch=15, contact_shapes="square", contact_shape_params={"width": 12})
+    probe.set_device_channel_indices(np.arange(probe.get_contact_count()))
+    return probe
+
+
+def generate_np2_set(args, folder: Path, gt_folder: Path):
+    """The 4-shank set: non-rigid zigzag drift (a depth gradient of 0.5) plus bumps, 20 to -20 um."""
+    from spikeinterface.generation import generate_drifting_recording
+
+    _, drifting, gt = generate_drifting_recording(
+        num_units=args.units, duration=args.duration, sampling_frequency=30000.0,
+        probe=neuropixels_2_four_shanks(), seed=args.seed + 1,
+        generate_displacement_vector_kwargs=dict(
+            displacement_sampling_frequency=5.0, drift_start_um=[0, 20], drift_stop_um=[0, -20], drift_step_um=1,
+            motion_list=[dict(drift_mode="zigzag", amplitude_factor=1.0, non_rigid_gradient=0.5,
+                              t_start_drift=30.0, t_end_drift=None, period_s=150),
+                         dict(drift_mode="bump", amplitude_factor=0.5, non_rigid_gradient=None,
+                              t_start_drift=60.0, t_end_drift=None, bump_interval_s=(30, 90.0))]),
+    )
+    drifting.astype("int16").save(folder=folder, overwrite=True, n_jobs=args.n_jobs, chunk_duration="1s",
+                                  progress_bar=False)
+    gt.save(folder=gt_folder, overwrite=True)
+
+
 def generate_sets(args, work: Path) -> dict[str, Path]:
     """Save the requested recordings (static, drift; int16) and the ground truth under ``work``; reuse the ones
     saved earlier with the same arguments."""
     from spikeinterface.generation import generate_drifting_recording
 
     tag = {"duration": args.duration, "units": args.units, "seed": args.seed, "channels": args.channels}
-    folders = {name: work / f"recording_{name}" for name in SETS} | {"gt": work / "ground_truth"}
+    folders = {name: work / f"recording_{name}" for name in SETS} | {"gt": work / "ground_truth",
+                                                                     "gt_np2": work / "ground_truth_np2"}
     stamp = work / "generated.json"
     saved = json.loads(stamp.read_text()) if stamp.exists() else {}
     if saved.get("tag") != tag:
         saved = {"tag": tag, "sets": []}
     missing = [name for name in args.sets if name not in saved["sets"] or not folders[name].exists()]
-    if not missing and folders["gt"].exists():
+    if not missing:
         print(f"recordings reused from {work}", flush=True)
         return folders
     t = time.perf_counter()
-    static, drifting, gt = generate_drifting_recording(
-        num_units=args.units, duration=args.duration, sampling_frequency=30000.0,
-        probe=neuropixels_1_probe(args.channels), seed=args.seed,
-    )
-    for name in missing:
+    if "np2" in missing:
+        generate_np2_set(args, folders["np2"], folders["gt_np2"])
+    neuropixels_1 = [name for name in missing if name != "np2"]
+    if neuropixels_1:
+        static, drifting, gt = generate_drifting_recording(
+            num_units=args.units, duration=args.duration, sampling_frequency=30000.0,
+            probe=neuropixels_1_probe(args.channels), seed=args.seed,
+        )
+        gt.save(folder=folders["gt"], overwrite=True)
+    for name in neuropixels_1:
         recording = (static if name == "static" else drifting).astype("int16")  # uV floats, noise std 6-8 uV
         recording.save(folder=folders[name], overwrite=True, n_jobs=args.n_jobs, chunk_duration="1s",
                        progress_bar=False)
-    gt.save(folder=folders["gt"], overwrite=True)
     saved["sets"] = sorted(set(saved["sets"]) | set(missing))
     stamp.write_text(json.dumps(saved))
     print(f"recordings {missing} generated and saved in {time.perf_counter() - t:.1f} s (not counted)", flush=True)
@@ -188,13 +225,13 @@ def timed_setup():
         pipeline.build_context = build
 
 
-def sort_ks2py(recording, folder: Path) -> dict:
+def sort_ks2py(recording, folder: Path, params: dict) -> dict:
     t = time.perf_counter()
     from si_ks2py.pipeline import run
 
     imported = time.perf_counter()
     with PoolPeaks() as pool, timed_setup() as setup:
-        ctx = run(recording, folder, {"device": "auto", "progress": False}, verbose=False)
+        ctx = run(recording, folder, {"device": "auto", "progress": False, **params}, verbose=False)
     stages = dict(ctx.timings, setup=setup[0])
     stages["other"] = time.perf_counter() - imported - sum(stages.values())  # the log, the figure process
     stages["import"] = imported - t  # the package (the recording's SpikeInterface modules are loaded already)
@@ -204,7 +241,7 @@ def sort_ks2py(recording, folder: Path) -> dict:
     return {"stages_s": stages, "device": device, "pool_peak_mib": pool.peaks}
 
 
-def sort_kilosort4(recording, folder: Path) -> dict:
+def sort_kilosort4(recording, folder: Path, params: dict) -> dict:
     from spikeinterface.sorters import run_sorter
 
     run_sorter("kilosort4", recording, folder=folder, remove_existing_folder=True, verbose=False)
@@ -213,7 +250,7 @@ def sort_kilosort4(recording, folder: Path) -> dict:
 
 
 def read_sorted(sorter: str, folder: Path):
-    if sorter == "ks2py":
+    if sorter.startswith("ks2py"):
         from si_ks2py.export.sorting import read_sorting
 
         return read_sorting(folder)
@@ -222,7 +259,7 @@ def read_sorted(sorter: str, folder: Path):
     return read_sorter_folder(folder)
 
 
-def profiled(sort, recording, folder: Path, path: Path) -> dict:
+def profiled(sort, sorter: str, recording, folder: Path, path: Path) -> dict:
     """Run ``sort`` under cProfile (main thread only) and write the 60 costliest calls, by total time and by time
     with callees, to ``path``."""
     import cProfile
@@ -230,7 +267,7 @@ def profiled(sort, recording, folder: Path, path: Path) -> dict:
     from profile_stage import profile_summary  # beside this script
 
     profile = cProfile.Profile()
-    result = profile.runcall(sort, recording, folder)
+    result = profile.runcall(sort, recording, folder, KS2PY_PARAMS.get(sorter, {}))
     path.write_text(profile_summary(profile, 60))
     return result
 
@@ -244,12 +281,12 @@ def child(args):
     recording = sc.load(args.recording)
     folder = Path(args.folder)
     shutil.rmtree(folder, ignore_errors=True)
-    sort = sort_ks2py if args.child == "ks2py" else sort_kilosort4
+    sort = sort_kilosort4 if args.child == "kilosort4" else sort_ks2py
     t = time.perf_counter()
     if args.profile:
-        result = profiled(sort, recording, folder, Path(args.profile))
+        result = profiled(sort, args.child, recording, folder, Path(args.profile))
     else:
-        result = sort(recording, folder)
+        result = sort(recording, folder, KS2PY_PARAMS.get(args.child, {}))
     wall = time.perf_counter() - t
     result["stages_s"].setdefault("other", wall - sum(result["stages_s"].values()))  # e.g. the wrapper's copy
     duration = recording.get_num_samples() / recording.sampling_frequency
@@ -280,12 +317,12 @@ def run_child(sorter: str, recording: Path, gt: Path, folder: Path, scored: bool
 
 def report(name: str, sorter: str, r: dict) -> str:
     if r.get("failed"):
-        return f"{name:<7}{sorter:<10} failed"
+        return f"{name:<7}{sorter:<19} failed"
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
     gpu = "n/a" if r.get("gpu_peak_mib") is None else f"{r['gpu_peak_mib'] / 1024:.2f} GB"
     peaks = r.get("pool_peak_mib") or {}
     pool_peaks = f"\n{'':17}memory pool peak (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
-    return (f"{name:<7}{sorter:<10} wall {r['wall_s']:7.1f} s = {r['x_realtime']:5.1f}x realtime, GPU peak {gpu}, "
+    return (f"{name:<7}{sorter:<19} wall {r['wall_s']:7.1f} s = {r['x_realtime']:5.1f}x realtime, GPU peak {gpu}, "
             f"host peak {r['host_peak_mib'] / 1024:.1f} GB; GT >= 0.8: {r['accuracy_0.8']}/{r['gt_units']}, "
             f">= 0.95: {r['accuracy_0.95']}, units {r['sorted_units']}, false positive {r['false_positive']}, "
             f"redundant {r['redundant']}\n{'':17}stages (s): {stages}" + (pool_peaks if peaks else ""))
@@ -324,7 +361,7 @@ def main(argv=None):
     os.environ.setdefault("MPLCONFIGDIR", str((work / "mplconfig").absolute()))
     folders = generate_sets(args, work)
     for name in args.sets if args.warmup and "ks2py" in args.sorters else ():
-        r = run_child("ks2py", folders[name], folders["gt"], work / "sort_warmup", scored=False)
+        r = run_child("ks2py", folders[name], folders["gt"], work / "sort_warmup", scored=False)  # unscored
         if not r.get("failed"):
             print(f"ks2py warm-up on {name} (kernel compilation): {r['wall_s']:.1f} s", flush=True)
         shutil.rmtree(work / "sort_warmup", ignore_errors=True)  # the disk holds both sets and every sort's folder
@@ -333,7 +370,8 @@ def main(argv=None):
             walls = []
             for repeat in range(args.repeats if sorter == "ks2py" else 1):
                 profile = None if args.profile is None else Path(args.profile) / f"profile_{name}_{sorter}.txt"
-                r = run_child(sorter, folders[name], folders["gt"], work / f"sort_{name}_{sorter}", profile=profile)
+                gt = folders["gt_np2" if name == "np2" else "gt"]
+                r = run_child(sorter, folders[name], gt, work / f"sort_{name}_{sorter}", profile=profile)
                 print(report(name, sorter, r), flush=True)
                 walls += [] if r.get("failed") else [r["wall_s"]]
                 if args.json:

@@ -59,10 +59,12 @@ GRID_COLUMN_UM = 16.0  # horizontal spacing of the grid, about
 BIN_UM = 5.0
 AMPLITUDE_BINS = 20
 AMPLITUDE_MAX = 100.0
-RIGID_LAGS = 15
+RIGID_LAGS = 15  # at most a quarter of the histogram (the rolls wrap around)
 RIGID_ITERATIONS = 9
 FIRST_TARGET = 300  # 1-based batch of the first rigid target, or the middle batch
 BLOCK_LAGS = 5
+MIN_BLOCK_BINS = 40  # nblocks is lowered to keep blocks of 200 um at least
+MIN_SHANK_BINS = 20  # a shank spanning less than 100 um is not registered
 SMOOTHING_SIGMA = 0.5
 UPSAMPLING = 10
 # batches with fewer spikes than this fraction of the median take their neighbours' shift
@@ -186,17 +188,15 @@ def lag_correlations(Fg: np.ndarray, target: np.ndarray, lags: np.ndarray) -> np
 def gaussian_smooth(x: np.ndarray, sigma: float) -> np.ndarray:
     """my_conv2.m: Gaussian smoothing along every axis (of length > 1), zero-padded and divided by the smoothing
     of ones, so that the edges are not pulled toward zero."""
+    from scipy import ndimage
+
     radius = int(math.ceil(4 * sigma))
     taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
     taps /= taps.sum()
     for axis in range(x.ndim):
-        if x.shape[axis] == 1:
-            continue
-
-        def smooth(a, axis=axis):
-            return np.apply_along_axis(lambda v: np.convolve(v, taps, mode="same"), axis, a)
-
-        x = smooth(x) / smooth(np.ones_like(x))
+        if x.shape[axis] > 1:
+            x = (ndimage.correlate1d(x, taps, axis=axis, mode="constant")
+                 / ndimage.correlate1d(np.ones_like(x), taps, axis=axis, mode="constant"))
     return x
 
 
@@ -210,10 +210,11 @@ def block_edges(n_bins: int, nblocks: int) -> list[tuple[int, int]]:
 def register(F: np.ndarray, ysamp: np.ndarray, nblocks: int) -> tuple[np.ndarray, np.ndarray]:
     """align_block2.m: (imin [Nbatch, nblk] float64, the shift of each batch and block in bins; yblk [nblk] the
     blocks' centres, um) from the fingerprints F [Nbatch, n_bins, A] float32 of one shank."""
-    n_batch = len(F)
+    n_batch, n_bins = F.shape[:2]
     Fg = F - F.mean(axis=1, keepdims=True)
     target = Fg[min(FIRST_TARGET, n_batch // 2) - 1].copy()
-    lags = np.arange(-RIGID_LAGS, RIGID_LAGS + 1)
+    rigid_lags = min(RIGID_LAGS, n_bins // 4)
+    lags = np.arange(-rigid_lags, rigid_lags + 1)
     total = np.zeros(n_batch)
     for _ in range(RIGID_ITERATIONS):
         best = lags[np.argmax(lag_correlations(Fg, target, lags), axis=1)]
@@ -254,11 +255,14 @@ def estimate_drift(st0: np.ndarray, xc, yc, kcoords, grid: Bunch, params) -> tup
         sites = yc[kcoords == shank]
         mine = st0[st0[:, 3] == index]
         F, ysamp = depth_histograms(mine, params.Nbatch, stride, sites.min(), sites.max(), params.drift_spkTh)
-        nblocks = max(1, min(params.nblocks, len(ysamp) // 4))  # blocks of at least 3 bins
+        nblocks = max(1, min(params.nblocks, len(ysamp) // MIN_BLOCK_BINS))
         if nblocks < params.nblocks:
-            logger.warning("drift: shank %s spans %d um, too little for nblocks=%d: %d blocks used", shank,
-                           int(np.ptp(sites)), params.nblocks, nblocks)
-        if params.Nbatch < 2:
+            logger.info("drift: shank %s spans %d um, too little for nblocks=%d: %d block(s) of %d um", shank,
+                        int(np.ptp(sites)), params.nblocks, nblocks, int(BIN_UM * len(ysamp) / nblocks))
+        if len(ysamp) < MIN_SHANK_BINS:
+            logger.warning("drift: shank %s spans %d um, too little to estimate its drift: not corrected", shank,
+                           int(np.ptp(sites)))
+        if params.Nbatch < 2 or len(ysamp) < MIN_SHANK_BINS:
             imin, centres = np.zeros((params.Nbatch, 2 * nblocks - 1)), block_centres(ysamp, nblocks)
         else:
             imin, centres = register(F, ysamp, nblocks)
@@ -266,7 +270,8 @@ def estimate_drift(st0: np.ndarray, xc, yc, kcoords, grid: Bunch, params) -> tup
                              minlength=params.Nbatch)
         shifts = fill_sparse_batches(imin * BIN_UM, counts)
         # a shank with fewer blocks is resampled onto nblk block centres, so that every shank has the same shape
-        yblk[index] = np.linspace(centres[0], centres[-1], n_blk) if len(centres) > 1 else centres[0]
+        span = (centres[0], centres[-1]) if len(centres) > 1 else (ysamp[0], ysamp[-1])
+        yblk[index] = np.linspace(*span, n_blk)
         for b in range(params.Nbatch):
             dshift[b, index] = interpolate_shifts(centres, shifts[b], yblk[index])
     return dshift, yblk
@@ -418,7 +423,12 @@ def run(ctx):
     shifts = channel_shifts_from(dshift, yblk, yc, kcoords, grid.shanks)
     logger.info("drift: shifts from %.1f to %.1f um (median over channels, batches)",
                 *np.percentile(np.median(shifts, axis=1), [0, 100]))
-    if ctx.whitened is not None:
+    if not shifts.any():  # nothing to correct: the data stay as they are (kriging at zero shift smooths a little)
+        if ctx.whitened is not None:
+            ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, ctx.whitened))
+        else:
+            ir.file_path("temp_wh.dat")  # recorded by preprocessing, valid
+    elif ctx.whitened is not None:
         correct_in_memory(ctx, shifts)
     else:
         correct_file(ctx, shifts)
