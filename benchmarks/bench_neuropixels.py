@@ -66,7 +66,8 @@ def neuropixels_2_four_shanks():
 
 
 def generate_np2_set(args, folder: Path, gt_folder: Path):
-    """The 4-shank set: non-rigid zigzag drift (a depth gradient of 0.5) plus bumps, 20 to -20 um."""
+    """The 4-shank set: a non-rigid zigzag drift (amplitude falling with depth, gradient 0.5) plus bumps, within
+    20 to -20 um."""
     from spikeinterface.generation import generate_drifting_recording
 
     _, drifting, gt = generate_drifting_recording(
@@ -74,9 +75,9 @@ def generate_np2_set(args, folder: Path, gt_folder: Path):
         probe=neuropixels_2_four_shanks(), seed=args.seed + 1,
         generate_displacement_vector_kwargs=dict(
             displacement_sampling_frequency=5.0, drift_start_um=[0, 20], drift_stop_um=[0, -20], drift_step_um=1,
-            motion_list=[dict(drift_mode="zigzag", amplitude_factor=1.0, non_rigid_gradient=0.5,
+            motion_list=[dict(drift_mode="zigzag", amplitude_factor=0.6, non_rigid_gradient=0.5,
                               t_start_drift=30.0, t_end_drift=None, period_s=150),
-                         dict(drift_mode="bump", amplitude_factor=0.5, non_rigid_gradient=None,
+                         dict(drift_mode="bump", amplitude_factor=0.4, non_rigid_gradient=None,
                               t_start_drift=60.0, t_end_drift=None, bump_interval_s=(30, 90.0))]),
     )
     drifting.astype("int16").save(folder=folder, overwrite=True, n_jobs=args.n_jobs, chunk_duration="1s",

@@ -150,3 +150,24 @@ def test_template_projections_match_a_direct_sum(tmp_path, case, starts):
         assert (lo, hi) == ((used[0], used[-1]) if len(used) else (n_chan, -1))
     if case == "sorted":
         assert (out["window"][1::2] - out["window"][::2]).max() < n_chan / 2
+
+
+@pytest.mark.parametrize("tile, threads", [(8, 256), (3, 32)])
+def test_grid_amplitudes_match_the_twin(tmp_path, tile, threads):
+    """drift.cu's grid_amplitudes (the block's rows staged in shared memory, grid points strided by the block) against
+    the NumPy twin, on a 2-column probe's grid: the same amplitudes to 1e-5 of their scale, zero where the twin
+    skips a window start or the amplitude is under the threshold."""
+    from si_ks2py.stages.drift import detector_grid
+
+    rng = np.random.default_rng(tile)
+    n_chan, n, threshold = 24, 90, 2.5
+    xc, yc = np.tile([0.0, 32.0], n_chan // 2), np.repeat(np.arange(n_chan // 2) * 20.0, 2)
+    grid = detector_grid(xc, yc, np.zeros(n_chan, dtype=np.int64))
+    filtered = rng.normal(size=(n, n_chan, 6)).astype(np.float32)
+    filtered[40:45, 8:14] *= 4  # a few window starts well above the threshold
+    out = emulate(tmp_path, "grid_amplitudes", filtered=filtered, iC=grid.iC, weights=grid.weights, tile=tile,
+                  threads=threads, threshold=threshold)["amp"]
+    expected = cpu.grid_amplitudes(filtered, grid.iC, grid.weights, threshold)
+    assert (expected > 0).sum() > 20 and (out > 0).sum() > 20
+    close = np.abs(np.maximum(out, expected) - threshold) < 1e-5 * threshold
+    np.testing.assert_allclose(out[~close], expected[~close], rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -223,6 +223,9 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
     if stop_after is not None:
         stages = stages[:stages.index(stop_after) + 1]
     to_run = stages_to_run(ctx, stages)
+    # the drift stage corrects the in-memory whitened copy in place and writes the file from it: preprocessing
+    # then leaves the file to it
+    ctx.whitened_file_by_drift = "drift" in to_run and "preprocess" in to_run
     try:
         for stage in stages:
             if stage == PRELOAD_DURING:

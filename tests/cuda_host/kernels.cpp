@@ -44,3 +44,9 @@ extern "C" int run_template_projections(const float* data, const float* U, const
         else template_projections8(data, U, Wt, window, B, n, C, K, nt0, R);
     });
 }
+
+extern "C" int run_grid_amplitudes(const float* filtered, const long long* iC, const float* weights, float* amp,
+                                   int n, int C, int G, int J, int tile, int threads, float threshold) {
+    return emu_launch({(unsigned)((n + tile - 1) / tile), 1, 1}, {(unsigned)threads, 1, 1},
+                      [=]() { grid_amplitudes_6x5(filtered, iC, weights, amp, n, C, G, J, tile, threshold); });
+}

@@ -1,4 +1,4 @@
-"""Run the kernels of detect.cu, templates.cu and pursuit.cu's template projections on the host (prelude.h,
+"""Run the kernels of detect.cu, templates.cu, drift.cu and pursuit.cu's template projections on the host (prelude.h,
 launch.h, kernels.cpp) for tests on machines without a GPU:
 
     python run_kernels.py KERNEL INPUTS.npz OUTPUTS.npz
@@ -8,7 +8,8 @@ KERNEL is correlate_valid (inputs x [n, C], filters [nt0, F] float32; output out
 neighbourhood_gram (dWU [K, nt0, C] float64, iC [C, n_near], iW [K] int64; output gram [K, n_near, n_near]),
 align_templates (vectors [K, n_near, n_near], dWU, iC, iW, Ka [nup, nt0], Kb [nup, nt0, nt0] float64, rank,
 nt0min, rank_tolerance; outputs W, U, mu) or template_projections (data [n, C], W [K, nt0, R], U [K, C, R]
-float32, starts: 16 or 8; outputs B [n, K], window).
+float32, starts: 16 or 8; outputs B [n, K], window) or grid_amplitudes (filtered [n, C, 6], iC [G, J] int64, weights
+[G, J, 5] float32, tile, threads, threshold; output amp [n, G]).
 It runs in a process of its own: forking a process that holds thread pools (scipy's FFT workers) can deadlock in
 their fork handlers.
 """
@@ -67,6 +68,14 @@ def run(library, kernel: str, given: dict) -> dict:
         failed = library.run_template_projections(pointer(a["data"]), pointer(a["U"]), pointer(Wt), pointer(window),
                                                   pointer(B), n, C, K, nt0, R, int(given["starts"]))
         result = {"B": B, "window": window}
+    elif kernel == "grid_amplitudes":
+        n, C, R = a["filtered"].shape
+        G, J, S = a["weights"].shape
+        amp = shared(np.zeros((n, G), np.float32), keep)
+        failed = library.run_grid_amplitudes(pointer(a["filtered"]), pointer(a["iC"]), pointer(a["weights"]),
+                                             pointer(amp), n, C, G, J, int(given["tile"]), int(given["threads"]),
+                                             ctypes.c_float(float(given["threshold"])))
+        result = {"amp": amp}
     else:
         raise ValueError(f"no emulation of {kernel}")
     if failed:
@@ -75,7 +84,7 @@ def run(library, kernel: str, given: dict) -> dict:
 
 
 def main(kernel: str, inputs: str, outputs: str):
-    source = "\n".join((GPU_SOURCES / name).read_text() for name in ("detect.cu", "templates.cu"))
+    source = "\n".join((GPU_SOURCES / name).read_text() for name in ("detect.cu", "templates.cu", "drift.cu"))
     pursuit = (GPU_SOURCES / "pursuit.cu").read_text()
     source += "\n" + pursuit[pursuit.index(PROJECTIONS[0]):pursuit.index(PROJECTIONS[1])]
     with tempfile.TemporaryDirectory() as folder:

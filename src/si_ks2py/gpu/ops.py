@@ -326,7 +326,9 @@ def pc_threshold_spikes(data, wPCA, iC, threshold: float, nt0min: int):
     return t, c, cp.ascontiguousarray(features)
 
 
-_GA_MAX_R, _GA_MAX_S = 8, 8  # GA_MAX_R, GA_MAX_S in drift.cu
+_GA_SHAPES = ((6, 5),)  # (prototypes, footprints) with a grid_amplitudes kernel in drift.cu
+_GA_MAX_J = 16  # GA_MAX_J in drift.cu
+_GA_MAX_TILE = 8  # window starts a block of grid_amplitudes stages
 
 
 def grid_amplitudes(filtered, iC, weights, threshold: float):
@@ -334,13 +336,18 @@ def grid_amplitudes(filtered, iC, weights, threshold: float):
     filtered, iC, weights = f32(filtered), i64(iC), f32(weights)
     n, C, R = filtered.shape
     G, J, S = weights.shape
-    if R > _GA_MAX_R or S > _GA_MAX_S:
-        raise ValueError(f"grid_amplitudes takes at most {_GA_MAX_R} prototypes and {_GA_MAX_S} footprints, got "
-                         f"{R} and {S}")
+    if (R, S) not in _GA_SHAPES or J > _GA_MAX_J:
+        raise ValueError(f"grid_amplitudes has kernels for (prototypes, footprints) in {_GA_SHAPES} and at most "
+                         f"{_GA_MAX_J} channels a footprint, got ({R}, {S}) and {J}")
+    row_bytes = 4 * C * R
+    tile = min(_GA_MAX_TILE, max_shared_bytes() // row_bytes)
+    if tile < 1:
+        raise ValueError(f"grid_amplitudes: {C} channels x {R} prototypes exceed the GPU's shared memory")
     out = cp.empty((n, G), dtype=cp.float32)
     if out.size:
-        launch("drift", "grid_amplitudes", blocks(n * G, 256), (256,),
-               (filtered, iC, weights, out, i32(n), i32(C), i32(R), i32(G), i32(J), i32(S), np.float32(threshold)))
+        launch("drift", f"grid_amplitudes_{R}x{S}", ((n + tile - 1) // tile,), (256,),
+               (filtered, iC, weights, out, i32(n), i32(C), i32(G), i32(J), i32(tile), np.float32(threshold)),
+               tile * row_bytes)
     return out
 
 

@@ -327,7 +327,7 @@ def run(ctx):
             return whitened if is_pinned(pinning) else None
 
         write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, STORE_WORKERS, pinned_copy)
-        if not params.do_correction:  # else the drift stage corrects the copy in place, then writes the file
+        if not ctx.get("whitened_file_by_drift"):  # else the drift stage corrects the copy, then writes the file
             ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, whitened))
         ctx.whitened = whitened
     else:
