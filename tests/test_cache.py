@@ -40,12 +40,26 @@ def test_fingerprints_chain_through_stages():
     base = params.default_params()
     fps = stage_fingerprints("rec", base)
     learn_changed = stage_fingerprints("rec", {**base, "lam": 5.0})
-    assert [fps[s] == learn_changed[s] for s in fps] == [True, True, False, False, False, False, False]
+    assert list(fps) == ["preprocess", "drift", "reorder", "learn", "extract", "merge", "split", "cutoff"]
+    assert [fps[s] == learn_changed[s] for s in fps] == [True] * 3 + [False] * 5
     split_changed = stage_fingerprints("rec", {**base, "AUCsplit": 0.5})
-    assert [fps[s] == split_changed[s] for s in fps] == [True] * 5 + [False] * 2
+    assert [fps[s] == split_changed[s] for s in fps] == [True] * 6 + [False] * 2
+    drift_changed = stage_fingerprints("rec", {**base, "sig": 30.0})
+    assert [fps[s] == drift_changed[s] for s in fps] == [True] + [False] * 7
     assert all(fps[s] != v for s, v in stage_fingerprints("other", base).items())
     # run-only params never invalidate
     assert stage_fingerprints("rec", {**base, "device": "cpu", "progress": False}) == fps
+
+
+def test_without_drift_correction_the_chain_is_kilosort_2_0s():
+    """do_correction=False (or nblocks=0) drops the drift stage from the chain: the later stages' fingerprints
+    chain from preprocessing as they did before the stage existed, whatever the drift params say."""
+    base = params.default_params()
+    off = stage_fingerprints("rec", {**base, "do_correction": False})
+    assert "drift" not in off
+    assert off == stage_fingerprints("rec", {**base, "nblocks": 0, "sig": 40.0})
+    on = stage_fingerprints("rec", base)
+    assert off["preprocess"] == on["preprocess"] and off["reorder"] != on["reorder"]
 
 
 def test_stale_or_half_written_arrays_are_never_read(tmp_path, monkeypatch):
