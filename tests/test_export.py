@@ -110,7 +110,8 @@ def test_changing_aucsplit_reruns_only_split_and_cutoff(tmp_path):
     recording, _ = generate_demo_recording(duration=12.0, num_channels=32, num_units=6, seed=3)
     first = run(recording, tmp_path / "out", {"device": "cpu", "progress": False}, verbose=False)
     outputs = {"export", "qc_figures"}  # written by every run
-    assert set(first.timings) == {"preprocess", "reorder", "learn", "extract", "merge", "split", "cutoff"} | outputs
+    assert set(first.timings) == {"preprocess", "drift", "reorder", "learn", "extract", "merge", "split",
+                                  "cutoff"} | outputs
     again = run(recording, tmp_path / "out", {"device": "cpu", "progress": False, "AUCsplit": 0.8}, verbose=False)
     assert set(again.timings) == {"split", "cutoff"} | outputs
     sorting = si_ks2py.run(recording, tmp_path / "out", device="cpu", progress=False, verbose=False,

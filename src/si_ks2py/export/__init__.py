@@ -43,9 +43,9 @@ def drift_outputs(ctx, figures: FigureProcess | None):
     shank = st0[:, 3].astype(np.int64)
     corrected = st0[:, 1].copy()
     for index in range(len(yblk)):  # first order: a spike recorded at y is at y + dshift(y) after correction
-        mine = np.flatnonzero(shank == index)
-        at_depth = interpolate_shifts(yblk[index], dshift[:, index].T, st0[mine, 1])  # [n, Nbatch]
-        corrected[mine] += at_depth[np.arange(len(mine)), batch[mine]]
+        for b in range(p.Nbatch):
+            mine = np.flatnonzero((shank == index) & (batch == b))
+            corrected[mine] += interpolate_shifts(yblk[index], dshift[b, index], st0[mine, 1])
     figures.draw("drift_correction", times_s=st0[:, 0] / p.fs, depths=st0[:, 1], corrected=corrected,
                  amplitudes=st0[:, 2], shanks=shank, batch_times_s=(stride * np.arange(p.Nbatch) + stride / 2) / p.fs,
                  dshift=dshift, yblk=yblk, threshold=np.float64(p.drift_spkTh))
