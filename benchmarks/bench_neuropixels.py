@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 
 SETS = ("static", "drift", "np2")
-SORTERS = ("ks2py", "ks2py_nocorrection", "kilosort4")
+SORTERS = ("ks2py", "ks2py_nocorrection", "ks2py_ks25kernel", "kilosort4")
 #: ks2py variants: extra params of their sorts
-KS2PY_PARAMS = {"ks2py": {}, "ks2py_nocorrection": {"do_correction": False}}
+KS2PY_PARAMS = {"ks2py": {}, "ks2py_nocorrection": {"do_correction": False},
+                "ks2py_ks25kernel": {"drift_kernel": "exponential"}}
 
 
 def neuropixels_1_probe(num_channels: int = 384):
@@ -70,9 +71,9 @@ def generate_np2_set(args, folder: Path, gt_folder: Path):
     20 to -20 um."""
     from spikeinterface.generation import generate_drifting_recording
 
-    _, drifting, gt = generate_drifting_recording(
+    _, drifting, gt, extra = generate_drifting_recording(
         num_units=args.units, duration=args.duration, sampling_frequency=30000.0,
-        probe=neuropixels_2_four_shanks(), seed=args.seed + 1,
+        probe=neuropixels_2_four_shanks(), seed=args.seed + 1, extra_outputs=True,
         generate_displacement_vector_kwargs=dict(
             displacement_sampling_frequency=5.0, drift_start_um=[0, 20], drift_stop_um=[0, -20], drift_step_um=1,
             motion_list=[dict(drift_mode="zigzag", amplitude_factor=0.6, non_rigid_gradient=0.5,
@@ -82,6 +83,7 @@ def generate_np2_set(args, folder: Path, gt_folder: Path):
     )
     drifting.astype("int16").save(folder=folder, overwrite=True, n_jobs=args.n_jobs, chunk_duration="1s",
                                   progress_bar=False)
+    gt.set_property("depth_um", extra["unit_locations"][:, 1])
     gt.save(folder=gt_folder, overwrite=True)
 
 
@@ -106,10 +108,11 @@ def generate_sets(args, work: Path) -> dict[str, Path]:
         generate_np2_set(args, folders["np2"], folders["gt_np2"])
     neuropixels_1 = [name for name in missing if name != "np2"]
     if neuropixels_1:
-        static, drifting, gt = generate_drifting_recording(
+        static, drifting, gt, extra = generate_drifting_recording(
             num_units=args.units, duration=args.duration, sampling_frequency=30000.0,
-            probe=neuropixels_1_probe(args.channels), seed=args.seed,
+            probe=neuropixels_1_probe(args.channels), seed=args.seed, extra_outputs=True,
         )
+        gt.set_property("depth_um", extra["unit_locations"][:, 1])
         gt.save(folder=folders["gt"], overwrite=True)
     for name in neuropixels_1:
         recording = (static if name == "static" else drifting).astype("int16")  # uV floats, noise std 6-8 uV
@@ -294,8 +297,26 @@ def child(args):
     result.update(wall_s=wall, duration_s=duration, x_realtime=duration / wall,
                   host_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if not args.unscored:
-        result.update(summary(score(sc.load(args.gt), read_sorted(args.child, folder))))
+        gt = sc.load(args.gt)
+        comparison = score(gt, read_sorted(args.child, folder))
+        result.update(summary(comparison))
+        result["missed"] = missed_units(gt, comparison)
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def missed_units(gt, comparison) -> dict:
+    """The ground-truth units under accuracy 0.8: how many per fifth of the probe's depth (the units' depths as
+    generated), and how many of them fire under 2 Hz; with their accuracies."""
+    accuracy = comparison.get_performance()["accuracy"].to_numpy(dtype=float)
+    rates = np.array([len(gt.get_unit_spike_train(u)) for u in gt.unit_ids]) / (gt.get_total_duration())
+    missed = accuracy < 0.8
+    out = {"accuracies": np.round(accuracy[missed], 2).tolist(), "under_2_hz": int((rates[missed] < 2).sum())}
+    if "depth_um" in gt.get_property_keys():
+        depth = gt.get_property("depth_um")
+        edges = np.linspace(depth.min(), depth.max() + 1e-6, 6)
+        out["per_fifth_of_depth"] = np.histogram(depth[missed], edges)[0].tolist()
+        out["units_per_fifth"] = np.histogram(depth, edges)[0].tolist()
+    return out
 
 
 def run_child(sorter: str, recording: Path, gt: Path, folder: Path, scored: bool = True,
@@ -326,7 +347,8 @@ def report(name: str, sorter: str, r: dict) -> str:
     return (f"{name:<7}{sorter:<19} wall {r['wall_s']:7.1f} s = {r['x_realtime']:5.1f}x realtime, GPU peak {gpu}, "
             f"host peak {r['host_peak_mib'] / 1024:.1f} GB; GT >= 0.8: {r['accuracy_0.8']}/{r['gt_units']}, "
             f">= 0.95: {r['accuracy_0.95']}, units {r['sorted_units']}, false positive {r['false_positive']}, "
-            f"redundant {r['redundant']}\n{'':17}stages (s): {stages}" + (pool_peaks if peaks else ""))
+            f"redundant {r['redundant']}\n{'':17}stages (s): {stages}" + (pool_peaks if peaks else "")
+            + (f"\n{'':17}missed: {r['missed']}" if r.get("missed") else ""))
 
 
 def main(argv=None):

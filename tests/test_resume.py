@@ -22,14 +22,14 @@ SORT = "import sys, spikeinterface.core as sc, si_ks2py; si_ks2py.run(sc.load(sy
 # kills itself with SIGKILL once half of the file's rows are on disk.
 SORT_KILLED_WRITING = """
 import os, signal, sys
-from si_ks2py.stages import preprocess
+from si_ks2py.stages import drift, preprocess
 
 def write_half_then_die(f, data, rows=2 ** 16):
     f.write(memoryview(data[:len(data) // 2]))
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-preprocess.write_rows = write_half_then_die
+preprocess.write_rows = drift.write_rows = write_half_then_die  # the drift stage writes it when it corrects
 """ + SORT
 
 

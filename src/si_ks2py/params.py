@@ -87,7 +87,12 @@ PARAMS: tuple[Param, ...] = (
           "1 estimates a rigid drift, n >= 2 estimates 2n - 1 overlapping blocks per shank.", low=0, high=100),
     Param("sig", 20.0, "float", "drift",
           "Spatial scale (um) of the kriging kernel that interpolates the data at the corrected positions "
-          "(exp(-|dx|/sig - |dy|/(1.5 sig))).", low=1, high=1000),
+          "(see drift_kernel).", low=1, high=1000),
+    Param("drift_kernel", "gaussian", "choice", "drift",
+          "Kernel of the kriging interpolation: 'gaussian' exp(-d^2 / (2 sig^2)) (Kilosort 4's; a spike's footprint "
+          "is moved with a few % error) or 'exponential' exp(-|dx|/sig - |dy|/(1.5 sig)) (Kilosort 2.5's; 13-20 % "
+          "error and 10-15 % amplitude loss at sub-pitch shifts, docs/stages.md).",
+          choices=("gaussian", "exponential")),
     Param("drift_detect_threshold", 8.0, "float", "drift",
           "Threshold of the drift detector (matched-filter SNR of the generic templates; Kilosort 2.5 hard-codes "
           "8).", low=2, high=100),
@@ -307,6 +312,7 @@ def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
         do_correction=drift_correction_on(p),
         nblocks=int(p["nblocks"]),
         sig=float(p["sig"]),
+        drift_kernel=str(p["drift_kernel"]),
         drift_spkTh=float(p["drift_detect_threshold"]),
         loc_range=[int(x) for x in p["loc_range"]],
         long_range=[int(x) for x in p["long_range"]],

@@ -78,7 +78,7 @@ def run_export(ctx):
             figures = stack.enter_context(FigureProcess(ctx.output_folder))
             queue_batch_figure(figures, ir)
         t = time.perf_counter()
-        if ir.has("dshift"):
+        if ctx.params.get("do_correction"):
             drift_outputs(ctx, figures)
         write_phy(ctx, figures)
         ctx.timings["export"] = time.perf_counter() - t

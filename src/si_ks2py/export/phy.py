@@ -117,7 +117,8 @@ def write_small_files(ctx, folder: Path, st3, clusters, templates, whitening, wh
     np.save(folder / "whitening_mat.npy", whitening)
     np.save(folder / "whitening_mat_inv.npy", whitening_inv)
 
-    source = binary_source(ctx.raw_data)
+    # with drift correction the templates fit the corrected whitened data, which Phy then shows
+    source = None if p.get("do_correction") else binary_source(ctx.raw_data)
     if source is not None:
         dat_path, dtype, offset = source
         np.save(folder / "channel_map.npy", np.asarray(ir.chanMap, dtype=np.int32))

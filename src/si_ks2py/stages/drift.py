@@ -13,8 +13,9 @@
    must move up: the corrected batch at depth y is the recorded one at y - dshift(y).
 4. Each channel's shift is the makima interpolation of its shank's block shifts at its depth (extrapolated), and
    every batch's own samples are replaced by the kriging interpolation of the data at the shifted positions,
-   ``M = K(shifted, sites) (K(sites, sites) + 0.01 I)^-1`` with ``K = exp(-|dx|/sig - |dy|/(1.5 sig))``, cross-faded
-   over the first ntbuff samples from the previous batch's matrix. The whitened data (in memory and
+   ``M = K(shifted, sites) (K(sites, sites) + 0.01 I)^-1`` with Kilosort 4's Gaussian kernel ``exp(-d^2 / (2 sig^2))``
+   by default (``drift_kernel``; Kilosort 2.5's ``exp(-|dx|/sig - |dy|/(1.5 sig))`` on request), cross-faded over
+   the first ntbuff samples from the previous batch's matrix. The whitened data (in memory and
    ``temp_wh.dat``) is corrected in place, so every later stage and the Phy folder see corrected data.
 
 With ``motion`` (a SpikeInterface Motion) the shifts come from it instead of the estimate (detection still runs:
@@ -344,9 +345,14 @@ def shifts_from_motion(motion, recording, xc, yc, kcoords, shanks, params) -> tu
 
 
 # --- the correction --------------------------------------------------------------------------------------------
-def kriging_kernel(xp, x_to, y_to, x_from, y_from, shank_to, shank_from, sig: float):
-    """kernel2D.m: exp(-|dx|/sig - |dy|/(1.5 sig)) [len(to), len(from)], 0 between shanks."""
-    k = xp.exp(-xp.abs(x_to[:, None] - x_from[None, :]) / sig - xp.abs(y_to[:, None] - y_from[None, :]) / (1.5 * sig))
+def kriging_kernel(xp, x_to, y_to, x_from, y_from, shank_to, shank_from, sig: float, kind: str = "gaussian"):
+    """[len(to), len(from)], 0 between shanks: 'gaussian' exp(-d^2 / (2 sig^2)) (Kilosort 4) or 'exponential'
+    exp(-|dx|/sig - |dy|/(1.5 sig)) (kernel2D.m of Kilosort 2.5)."""
+    dx, dy = x_to[:, None] - x_from[None, :], y_to[:, None] - y_from[None, :]
+    if kind == "gaussian":
+        k = xp.exp(-(dx * dx + dy * dy) / (2 * sig * sig))
+    else:
+        k = xp.exp(-xp.abs(dx) / sig - xp.abs(dy) / (1.5 * sig))
     return k * (shank_to[:, None] == shank_from[None, :])
 
 
@@ -358,7 +364,7 @@ def shift_data(ctx, data: WhitenedData, shifts: np.ndarray, store):
     ops, p, ir = ctx.ops, ctx.params, ctx.intermediate
     xp = ops.xp
     xc, yc, kcoords = (ops.asarray(np.asarray(getattr(ir, k), dtype=np.float64)) for k in ("xc", "yc", "kcoords"))
-    sites = kriging_kernel(xp, xc, yc, xc, yc, kcoords, kcoords, p.sig)
+    sites = kriging_kernel(xp, xc, yc, xc, yc, kcoords, kcoords, p.sig, p.drift_kernel)
     inverse = xp.linalg.inv(sites + KRIGING_RIDGE * xp.eye(len(xc)))  # symmetric
     shifts_d = ops.asarray(shifts)
     fade = xp.linspace(0, 1, p.ntbuff, dtype=xp.float32)[:, None]
@@ -368,7 +374,7 @@ def shift_data(ctx, data: WhitenedData, shifts: np.ndarray, store):
     for k in range(p.Nbatch):
         first, last = stride * k, min(stride * (k + 1), p.n_samples)
         x = ops.asarray(data.read(ops, first, last)).astype(xp.float32)
-        moved = kriging_kernel(xp, xc, yc - shifts_d[k], xc, yc, kcoords, kcoords, p.sig)
+        moved = kriging_kernel(xp, xc, yc - shifts_d[k], xc, yc, kcoords, kcoords, p.sig, p.drift_kernel)
         matrix = (moved @ inverse).astype(xp.float32).T  # [Nchan in, Nchan out]
         y = x @ matrix
         if previous is not None:
