@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 import wrapt  # noqa: E402
 
+from .context import Bunch  # noqa: E402
+from .logs import add_default_handler  # noqa: E402
 from .params import default_params  # noqa: E402
 
 
@@ -49,4 +51,4 @@ def run(recording, output_folder, verbose: bool = True, **params):
     return read_sorting(ctx.output_folder, keep_good_only=ctx.user_params["keep_good_only"])
 
 
-__all__ = ["Ks2PySorter", "default_params", "run", "__version__"]
+__all__ = ["Bunch", "Ks2PySorter", "add_default_handler", "default_params", "run", "__version__"]
