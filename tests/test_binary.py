@@ -187,6 +187,11 @@ def test_file_params_and_kilosort_names(small_file):
     assert not (small_file.parent / "output").exists()
 
 
+def test_a_path_needs_the_probe(small_file):
+    with pytest.raises(TypeError, match="needs the probe Bunch"):
+        si_ks2py.run(small_file)
+
+
 def test_recording_and_probe_do_not_mix(small_recording, tmp_path):
     recording, _ = small_recording
     with pytest.raises(TypeError, match="carries its own probe"):

@@ -153,6 +153,9 @@ def run_binary(dat_path, probe, dir_path=None, output_folder=None, verbose: bool
     from .params import validate
     from .pipeline import run as run_pipeline
 
+    if probe is None:
+        raise TypeError("run(dat_path, probe=probe, dir_path=...) needs the probe Bunch of the raw file; a folder "
+                        "saved by SpikeInterface is opened with spikeinterface.load(folder) and sorted as a recording")
     fs, dtype, params = file_params(params)
     validate(params, fs)  # a misnamed param is reported before the folders are made
     dir_path = Path(dat_path).parent if dir_path is None else Path(dir_path)
