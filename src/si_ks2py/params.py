@@ -144,6 +144,8 @@ PARAMS: tuple[Param, ...] = (
 )
 
 PARAMS_BY_NAME = {p.name: p for p in PARAMS}
+#: Kilosort's name of a param where ks2py's differs (a pykilosort script's params), for the error that names it
+KILOSORT_NAMES = {p.ks2_name: p for p in PARAMS if p.ks2_name not in (None, p.name)}
 TMP_FILES = ("matlab_files", "temp_wh.dat")
 
 
@@ -221,7 +223,9 @@ def validate(params: dict, sampling_frequency: float | None = None) -> dict:
     """
     unknown = sorted(set(params) - set(PARAMS_BY_NAME))
     if unknown:
-        raise ValueError(f"unknown ks2py param(s) {unknown}; valid names are {sorted(PARAMS_BY_NAME)}")
+        renamed = [f"'{name}' is '{KILOSORT_NAMES[name].name}'" for name in unknown if name in KILOSORT_NAMES]
+        hint = f" (Kilosort's names: {', '.join(renamed)}, see docs/params.md)" if renamed else ""
+        raise ValueError(f"unknown ks2py param(s) {unknown}{hint}; valid names are {sorted(PARAMS_BY_NAME)}")
     full = default_params()
     full.update(params)
     for p in PARAMS:
