@@ -46,7 +46,7 @@ def test_no_spike_holes_at_odd_batch_edges(tmp_path):
 
 def with_traces(recording, traces):
     new = sc.NumpyRecording([traces], sampling_frequency=recording.sampling_frequency)
-    new.set_probe(recording.get_probe(), in_place=True)
+    new.set_probe(recording.get_probe())  # in place
     return new
 
 

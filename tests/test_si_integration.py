@@ -96,6 +96,7 @@ def test_a_failed_registration_is_a_warning_not_a_broken_spikeinterface():
     assert "the sorter 'ks2py' could not be registered with SpikeInterface" in done.stderr
 
 
+@pytest.mark.slow
 def test_run_sorter_then_read_sorter_folder_in_fresh_processes(tiny_recording, tmp_path):
     out = run_script(tmp_path, f"""
         from spikeinterface.sorters import run_sorter
@@ -118,6 +119,7 @@ ENGINES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_run_sorter_jobs_engines(engine, tiny_recording, tmp_path):
     out = run_script(tmp_path, f"""
@@ -133,6 +135,7 @@ def test_run_sorter_jobs_engines(engine, tiny_recording, tmp_path):
     assert json.loads((tmp_path / "sort" / "spikeinterface_log.json").read_text())["error"] is False
 
 
+@pytest.mark.slow
 def test_run_sorter_jobs_dask_engine(tiny_recording, tmp_path):
     pytest.importorskip("distributed")
     run_script(tmp_path, f"""
@@ -148,6 +151,7 @@ def test_run_sorter_jobs_dask_engine(tiny_recording, tmp_path):
     assert json.loads((tmp_path / "sort" / "spikeinterface_log.json").read_text())["error"] is False
 
 
+@pytest.mark.slow
 def test_run_sorter_jobs_slurm_script(tiny_recording, tmp_path):
     """The slurm engine writes a script that imports only spikeinterface and hands it to sbatch: a stand-in sbatch
     runs it at once."""
@@ -168,6 +172,7 @@ def test_run_sorter_jobs_slurm_script(tiny_recording, tmp_path):
     assert json.loads((tmp_path / "sort" / "spikeinterface_log.json").read_text())["error"] is False
 
 
+@pytest.mark.slow
 def test_run_sorter_by_property_sorts_each_shank_in_spawned_workers(tmp_path):
     import probeinterface as pi
     import spikeinterface.core as sc
