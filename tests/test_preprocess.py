@@ -221,7 +221,7 @@ def test_dead_channel_is_dropped_and_reading_is_streamed(tmp_path):
     traces[:, 5] = 0.0
     traces[:, 9] = 3.0
     dead = sc.NumpyRecording([traces], sampling_frequency=30000.0)
-    dead.set_probe(recording.get_probe(), in_place=True)
+    dead.set_probe(recording.get_probe())  # in place
     requested = []
     original = dead.get_traces
 
@@ -241,6 +241,6 @@ def test_dead_channel_is_dropped_and_reading_is_streamed(tmp_path):
 def test_no_crossings_anywhere_is_a_clear_error(tmp_path):
     recording, _ = generate_recording(duration=3.0, num_units=1)
     quiet = sc.NumpyRecording([np.random.default_rng(0).normal(size=(90000, 32)).astype("float32")], 30000.0)
-    quiet.set_probe(recording.get_probe(), in_place=True)
+    quiet.set_probe(recording.get_probe())  # in place
     with pytest.raises(ValueError, match="no channel has threshold crossings"):
         run(quiet, tmp_path / "out", {"minfr_goodchannels": 5.0}, verbose=False, stop_after="preprocess")

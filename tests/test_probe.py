@@ -64,12 +64,27 @@ def test_recording_mapping_matches_channel_locations():
     np.testing.assert_allclose(np.c_[m.xc, m.yc], recording.get_channel_locations()[m.chanMap])
 
 
-def test_recording_without_probe_is_a_clear_error():
+def test_recording_without_probe_is_a_clear_error_whose_advice_works(tmp_path):
     import spikeinterface.core as sc
 
-    recording = sc.NumpyRecording([np.zeros((1000, 4), dtype="float32")], sampling_frequency=30000.0)
-    with pytest.raises(ValueError, match="no probe attached"):
-        probe_from_recording(recording)
+    def no_probe():
+        return sc.NumpyRecording([np.zeros((1000, 4), dtype="float32")], sampling_frequency=30000.0)
+
+    with pytest.raises(ValueError, match="no probe attached") as caught:
+        probe_from_recording(no_probe())
+    probe = wired(pi.generate_linear_probe(num_elec=4), 4)
+    group = pi.ProbeGroup()
+    group.add_probe(probe)
+    pi.write_prb(tmp_path / "probe.prb", group)
+    # the two ways the message gives, as it writes them
+    assert "recording.set_probegroup(probeinterface.read_prb(path))" in str(caught.value)
+    recording = no_probe()
+    recording.set_probegroup(pi.read_prb(tmp_path / "probe.prb"))
+    assert probe_from_recording(recording).NchanTOT == 4
+    assert "recording.set_probe(probe)" in str(caught.value)
+    recording = no_probe()
+    recording.set_probe(probe)
+    np.testing.assert_allclose(probe_from_recording(recording).yc, probe.contact_positions[:, 1])
 
 
 def test_probe_without_wiring_is_a_clear_error():

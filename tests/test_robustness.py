@@ -38,15 +38,15 @@ def test_no_spike_holes_at_default_batch_edges(demo_sort):
 
 def test_no_spike_holes_at_odd_batch_edges(tmp_path):
     recording, gt = generate_demo_recording(duration=30.0, num_units=10, seed=11)
-    NT, ntbuff = 5000 + 64 + 3, 64  # an odd stride of 5003 samples: 179 edges
-    sorting = si_ks2py.run(recording, tmp_path / "out", NT=NT, verbose=False, **CPU)
+    NT, ntbuff = 159 * 32, 85  # an odd stride of 5003 samples: 179 edges (NT is a multiple of 32, as in kilosort2)
+    sorting = si_ks2py.run(recording, tmp_path / "out", NT=NT, ntbuff=ntbuff, verbose=False, **CPU)
     near, far, n = recall_near_and_far_from_edges(gt, sorting, NT - ntbuff, 300)
     assert n > 300 and near >= far - 0.02 and far > 0.9, (near, far, n)
 
 
 def with_traces(recording, traces):
     new = sc.NumpyRecording([traces], sampling_frequency=recording.sampling_frequency)
-    new.set_probe(recording.get_probe(), in_place=True)
+    new.set_probe(recording.get_probe())  # in place
     return new
 
 

@@ -1,6 +1,7 @@
 """End-to-end sorts on the CPU: accuracy against ground truth, repeatability, SpikeInterface's contract."""
 
 import json
+import unittest
 
 import numpy as np
 import pytest
@@ -45,3 +46,18 @@ def test_spikeinterface_contract_on_a_small_probe(tmp_path):
     assert log["error"] is False and log["sorter_version"] == si_ks2py.__version__
     assert any("extract" in line for line in log["runtime_trace"])  # our ks2py.log reached SpikeInterface's log
     assert sorting.get_sampling_frequency() == 30000.0
+
+
+try:  # SpikeInterface's own suite for sorters: in its source tree (e.g. an editable install), not in its wheel
+    from spikeinterface.sorters.tests.common_tests import SorterCommonTestSuite
+except ImportError:
+    class SorterCommonTestSuite:
+        def test_with_run(self):
+            pytest.skip("spikeinterface.sorters.tests.common_tests is not installed (SpikeInterface's wheel leaves "
+                        "its tests out; a source install has them)")
+
+
+class TestSpikeInterfaceSorterCommonTestSuite(SorterCommonTestSuite, unittest.TestCase):
+    """SpikeInterface's test of every sorter: default params, 4 channels, 60 s (about 40 s on 2 CPU cores)."""
+
+    SorterClass = si_ks2py.Ks2PySorter

@@ -40,6 +40,22 @@ def binary_source(recording):
     return None
 
 
+def whole_rows(recording, channel_indices=None):
+    """(recording, channel indices in it) to read ``channel_indices`` of ``recording`` (all channels when None) from:
+    for a channel slice of a binary recording (a probe set on a file with channels outside the probe, such as a
+    sync channel, gives one), the binary recording and the indices of the channels in its rows, so that batches
+    stay whole rows of the file; else ``recording`` itself."""
+    from spikeinterface.core.channelslice import ChannelSliceRecording
+
+    asked = np.arange(recording.get_num_channels()) if channel_indices is None else np.asarray(channel_indices)
+    source, indices = recording, asked
+    while isinstance(source, ChannelSliceRecording):
+        source, indices = source._parent, np.asarray(source._parent_channel_indices)[indices]
+    if source is recording or binary_source(source) is None:
+        return recording, asked
+    return source, indices
+
+
 def read_rows(path, out: np.ndarray, offset: int, first_row: int):
     """Fill ``out`` [n, C] with rows first_row.. of a file of C-column time rows starting at byte ``offset``, by
     one preadv straight into ``out`` (no memory map); OSError when the file is short."""
@@ -58,14 +74,16 @@ class RecordingReader:
     ``channel_indices`` selects recording channels (0-based); ranges are relative to ``t_start`` and clipped to
     the sorted range. ``read`` returns every channel of the recording in its dtype, [n, num_channels] (a
     binary recording's rows are then a view of the file, where a column selection would be a slow strided
-    gather); ``to_device`` moves them to the device and keeps the selected channels, [n, len(channel_indices)].
+    gather; a channel slice of a binary recording gives every channel of its file, see ``whole_rows``);
+    ``to_device`` moves them to the device and keeps the selected channels, [n, len(channel_indices)].
     """
 
     def __init__(self, recording, t_start: int, t_stop: int, channel_indices):
+        # a channel slice of a binary file is read as the file's whole rows (``recording`` is then that file's)
+        recording, channel_indices = whole_rows(recording, channel_indices)
         self.recording = recording
         self.t_start = int(t_start)
         self.n_samples = int(t_stop) - int(t_start)
-        channel_indices = np.asarray(channel_indices)
         self.channel_ids = recording.get_channel_ids()[channel_indices]
         every_channel = np.array_equal(channel_indices, np.arange(recording.get_num_channels()))
         self.columns = None if every_channel else channel_indices

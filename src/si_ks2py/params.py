@@ -9,6 +9,7 @@ options keep their Kilosort names.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from .context import Bunch
+
+logger = logging.getLogger("si_ks2py")
 
 #: Pipeline stages in run order; a param belongs to the first stage that reads it, and a change to it
 #: invalidates that stage and everything after it. "run" params never change results.
@@ -27,7 +30,7 @@ STAGES = ("preprocess", "drift", "reorder", "learn", "extract", "merge", "split"
 class Param:
     name: str
     default: Any
-    kind: str  # int | float | bool | pair | int_pair | choice | path | tmp_files | trange | motion
+    kind: str  # int | float | bool | pair | int_pair | choice | path | tmp_files | trange | motion | any
     stage: str
     description: str
     ks2_name: str | None = None
@@ -73,8 +76,8 @@ PARAMS: tuple[Param, ...] = (
           "each side of a batch.", low=1, high=100000),
     Param("nfilt_factor", 4, "int", "learn", "Maximum number of templates per good channel (temporary ones "
           "included).", low=1, high=64),
-    Param("NT", None, "int", "preprocess", "Batch length in samples; None gives 64*1024 + ntbuff. Lower it if the "
-          "GPU runs out of memory.", low=1024, high=2**24, allow_none=True),
+    Param("NT", None, "int", "preprocess", "Batch length in samples; None gives 64*1024 + ntbuff, another value is "
+          "rounded down to a multiple of 32, as kilosort2 does. Lower it if the GPU runs out of memory.", low=1024, high=2**24, allow_none=True),
     Param("AUCsplit", 0.9, "float", "split", "Minimum isolation (area under the curve, max 1) each half of a "
           "cluster needs for the cluster to be split.", low=0, high=1),
     # --- options of SpikeInterface's kilosort2_5 wrapper (drift correction, Kilosort 2.5's datashift2) ---
@@ -102,7 +105,7 @@ PARAMS: tuple[Param, ...] = (
           "the folder through run_sorter, whose params must be JSON). Its displacement follows SpikeInterface's "
           "sign (a spike recorded at depth y came from y - displacement).", allow_none=True),
     Param("wave_length", 61, "int", "preprocess", "Template length in samples at 30 kHz (odd; 61 = 2 ms); scaled "
-          "to the recording's sampling rate.", "nt0", low=11, high=127),
+          "to the recording's sampling rate. An even value is made odd (+1), as kilosort2 does.", "nt0", low=11, high=127),
     Param("keep_good_only", False, "bool", "export", "Return only the units labelled 'good'."),
     Param("skip_kilosort_preprocessing", False, "bool", "preprocess",
           "Skip filtering, common reference and whitening: the recording is taken as already whitened "
@@ -146,9 +149,26 @@ PARAMS: tuple[Param, ...] = (
           "Folder of the intermediate arrays; None puts them in <output>/cache. Name one to resume a killed run "
           "through run_sorter, which recreates its output folder.", allow_none=True),
     Param("progress", True, "bool", "run", "Show a progress bar for each stage."),
+    # --- SpikeInterface's job kwargs, which its kilosort2 wrapper adds to its params (it writes recording.dat with
+    # them); run params, so they never change results ---
+    Param("progress_bar", True, "bool", "run", "SpikeInterface job kwarg: False hides the stages' progress bars "
+          "(as does progress=False)."),
+    Param("n_jobs", 1, "any", "run", "SpikeInterface job kwarg, accepted for kilosort2 compatibility and unused: "
+          "kilosort2 uses it to write its recording.dat copy, ks2py reads the recording in batches with its own "
+          "read-ahead threads."),
+    Param("chunk_duration", "1s", "any", "run", "SpikeInterface job kwarg, accepted for kilosort2 compatibility "
+          "and unused: the batches are NT samples long."),
+    Param("pool_engine", "process", "any", "run", "SpikeInterface job kwarg, accepted for kilosort2 compatibility "
+          "and unused (no recording.dat copy is written)."),
+    Param("mp_context", None, "any", "run", "SpikeInterface job kwarg, accepted for kilosort2 compatibility and "
+          "unused (no recording.dat copy is written).", allow_none=True),
+    Param("max_threads_per_worker", 1, "any", "run", "SpikeInterface job kwarg, accepted for kilosort2 "
+          "compatibility and unused (no recording.dat copy is written)."),
 )
 
 PARAMS_BY_NAME = {p.name: p for p in PARAMS}
+#: Kilosort's name of a param where ks2py's differs (a pykilosort script's params), for the error that names it
+KILOSORT_NAMES = {p.ks2_name: p for p in PARAMS if p.ks2_name not in (None, p.name)}
 TMP_FILES = ("matlab_files", "temp_wh.dat")
 
 
@@ -208,6 +228,8 @@ def _check_value(p: Param, v):
             return
         if isinstance(v, str) or not isinstance(v, (list, tuple)) or any(x not in TMP_FILES for x in v):
             raise ValueError(f"ks2py param '{p.name}' must be True, False or a tuple of {TMP_FILES}, got {v!r}")
+    elif p.kind == "any":
+        return
     elif p.kind == "trange":
         if not isinstance(v, (list, tuple)) or len(v) != 2 or not _is_number(v[0]) or v[0] < 0 or not (
             v[1] is None or (_is_number(v[1]) and v[1] > v[0])
@@ -226,13 +248,14 @@ def validate(params: dict, sampling_frequency: float | None = None) -> dict:
     """
     unknown = sorted(set(params) - set(PARAMS_BY_NAME))
     if unknown:
-        raise ValueError(f"unknown ks2py param(s) {unknown}; valid names are {sorted(PARAMS_BY_NAME)}")
+        renamed = [f"'{name}' is '{KILOSORT_NAMES[name].name}'" for name in unknown if name in KILOSORT_NAMES]
+        hint = f" (Kilosort's names: {', '.join(renamed)}, see docs/params.md)" if renamed else ""
+        raise ValueError(f"unknown ks2py param(s) {unknown}{hint}; valid names are {sorted(PARAMS_BY_NAME)}")
     full = default_params()
     full.update(params)
     for p in PARAMS:
         _check_value(p, full[p.name])
-    if full["wave_length"] % 2 != 1:
-        raise ValueError(f"ks2py param 'wave_length' must be odd (e.g. 61), got {full['wave_length']}")
+    adjust_as_kilosort2(full)
     nt0min = full["nt0min"]
     if nt0min is not None and nt0min >= full["wave_length"]:
         raise ValueError(f"ks2py param 'nt0min' = {nt0min} must be smaller than wave_length = {full['wave_length']}")
@@ -257,6 +280,20 @@ def validate(params: dict, sampling_frequency: float | None = None) -> dict:
 def drift_correction_on(params: dict) -> bool:
     """Whether the drift stage runs: do_correction and nblocks > 0, or a motion given."""
     return params["motion"] is not None or (bool(params["do_correction"]) and params["nblocks"] > 0)
+
+
+def adjust_as_kilosort2(full: dict):
+    """What SpikeInterface's kilosort2 wrapper does to its params, so that they mean the same here: an even
+    wave_length is made odd, NT is rounded down to a multiple of 32."""
+    if full["wave_length"] % 2 != 1:
+        logger.warning("ks2py param wave_length = %d is even: %d is used (templates have a centre sample), as "
+                       "kilosort2 does", full["wave_length"], full["wave_length"] + 1)
+        full["wave_length"] += 1
+    NT = full["NT"]
+    if NT is not None and NT % 32:
+        logger.warning("ks2py param NT = %d is rounded down to %d, a multiple of 32, as kilosort2 does", NT,
+                       NT // 32 * 32)
+        full["NT"] = NT // 32 * 32
 
 
 def template_length(wave_length: int, fs: float) -> int:

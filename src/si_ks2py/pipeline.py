@@ -25,6 +25,7 @@ from .checks import check_recording_values
 from .context import Context, Intermediate, fingerprint
 from .export import queue_batch_figure, run_export
 from .io import release_whitened, unpin_whitened
+from .logs import run_log
 from .plots import FigureProcess
 from .probe import probe_from_recording
 
@@ -149,7 +150,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         intermediate=Intermediate(cache_folder, fps),
         ops=ops,
         output_folder=output_folder,
-        show_progress=bool(full["progress"]) and verbose,
+        show_progress=bool(full["progress"]) and bool(full["progress_bar"]) and verbose,
         timings={},
         whitened=None,
         whitened_pinning=None,
@@ -182,26 +183,6 @@ def stages_to_run(ctx, stages: tuple[str, ...]) -> list[str]:
     needed = {f for stage in to_run for f in (_declared(stage, "FILE_INPUTS") or ()) if not ir.has_file(f)}
     producers = [s for s in stages[:first] if needed & set(_declared(s, "FILES"))]
     return producers + to_run
-
-
-@contextlib.contextmanager
-def run_log(output_folder: Path, verbose: bool):
-    """Log to <output>/ks2py.log (SpikeInterface copies it into its log) and, when verbose, to the console."""
-    handlers = [logging.FileHandler(output_folder / "ks2py.log")]
-    if verbose:
-        handlers.append(logging.StreamHandler())
-    for h in handlers:
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(h)
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-        for h in handlers:
-            logger.removeHandler(h)
-            h.close()
 
 
 def is_device_out_of_memory(err: BaseException) -> bool:

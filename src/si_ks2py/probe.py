@@ -17,9 +17,10 @@ def probe_from_recording(recording) -> Bunch:
     """The channel map of a SpikeInterface recording; ValueError when it has no probe."""
     if not recording.has_probe():
         raise ValueError(
-            "ks2py needs channel locations: this recording has no probe attached. Attach one with "
-            "recording = recording.set_probe(probe) (probeinterface), e.g. from "
-            "probeinterface.read_prb(...) or probeinterface.generate_multi_columns_probe(...)."
+            "ks2py needs channel locations: this recording has no probe attached. Attach one (SpikeInterface "
+            "modifies the recording in place and returns None): recording.set_probegroup(probeinterface.read_prb("
+            "path)) for a .prb file, or recording.set_probe(probe) for a probeinterface Probe (e.g. "
+            "probeinterface.generate_multi_columns_probe(...), then probe.set_device_channel_indices(...))."
         )
     return channel_map(recording.get_probegroup(), recording.get_num_channels())
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import binary_source
+from ..io import binary_source, whole_rows
 from ..plots import spike_depths
 
 logger = logging.getLogger("si_ks2py")
@@ -101,7 +101,7 @@ def write_phy(ctx, figures=None):
 def write_small_files(ctx, folder: Path, st3, clusters, templates, whitening, whitening_inv, template_feature_ind):
     """Every file of the Phy folder but the features: spikes [n] (st3 [n, 5] by time, clusters [n]), templates
     [K, nt, Nchan] float32, whitening matrices [Nchan, Nchan], params.py and the cluster tables."""
-    ir, p, probe = ctx.intermediate, ctx.params, ctx.probe
+    ir, p = ctx.intermediate, ctx.params
     n_templates, _, n_chan = templates.shape
     np.save(folder / "spike_times.npy", st3[:, 0].astype(np.uint64))
     np.save(folder / "spike_templates.npy", clusters.astype(np.uint32))
@@ -117,12 +117,15 @@ def write_small_files(ctx, folder: Path, st3, clusters, templates, whitening, wh
     np.save(folder / "whitening_mat.npy", whitening)
     np.save(folder / "whitening_mat_inv.npy", whitening_inv)
 
-    # with drift correction the templates fit the corrected whitened data, which Phy then shows
-    source = None if p.get("do_correction") else binary_source(ctx.raw_data)
+    # Phy reads the recording's own file where there is one (a channel slice of it: the file's rows, its channel
+    # indices), else the whitened file; with drift correction always the whitened file: the templates fit the
+    # corrected data
+    recording, file_channels = whole_rows(ctx.raw_data)
+    source = None if p.get("do_correction") else binary_source(recording)
     if source is not None:
         dat_path, dtype, offset = source
-        np.save(folder / "channel_map.npy", np.asarray(ir.chanMap, dtype=np.int32))
-        n_channels_dat, hp_filtered = probe.NchanTOT, False
+        np.save(folder / "channel_map.npy", file_channels[np.asarray(ir.chanMap)].astype(np.int32))
+        n_channels_dat, hp_filtered = recording.get_num_channels(), False
     else:
         dat_path, dtype, offset = ir.file_path("temp_wh.dat").absolute(), "int16", 0
         np.save(folder / "channel_map.npy", np.arange(n_chan, dtype=np.int32))
