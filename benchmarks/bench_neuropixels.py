@@ -300,15 +300,15 @@ def child(args):
         gt = sc.load(args.gt)
         comparison = score(gt, read_sorted(args.child, folder))
         result.update(summary(comparison))
-        result["missed"] = missed_units(gt, comparison)
+        result["missed"] = missed_units(gt, comparison, duration)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def missed_units(gt, comparison) -> dict:
+def missed_units(gt, comparison, duration_s: float) -> dict:
     """The ground-truth units under accuracy 0.8: how many per fifth of the probe's depth (the units' depths as
     generated), and how many of them fire under 2 Hz; with their accuracies."""
     accuracy = comparison.get_performance()["accuracy"].to_numpy(dtype=float)
-    rates = np.array([len(gt.get_unit_spike_train(u)) for u in gt.unit_ids]) / (gt.get_total_duration())
+    rates = np.array([len(gt.get_unit_spike_train(u)) for u in gt.unit_ids]) / duration_s
     missed = accuracy < 0.8
     out = {"accuracies": np.round(accuracy[missed], 2).tolist(), "under_2_hz": int((rates[missed] < 2).sum())}
     if "depth_um" in gt.get_property_keys():
