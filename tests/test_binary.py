@@ -95,16 +95,33 @@ def test_readme_example_finds_the_ground_truth_units(readme_sort):
     assert result["accuracy_0.95"] >= N_UNITS - 2, result
 
 
-@pytest.mark.slow
-def test_phy_folder_reads_the_raw_file(readme_sort):
-    folder = readme_sort["folder"] / "output"
+def phy_params(folder) -> dict:
     params = {}
     exec((folder / "params.py").read_text(), params)
-    assert params["n_channels_dat"] == N_TOTAL and params["dtype"] == "int16" and not params["hp_filtered"]
-    assert params["dat_path"] == str((readme_sort["folder"] / "imec_385_100s.bin").absolute())
+    return params
+
+
+@pytest.mark.slow
+def test_phy_folder_reads_the_corrected_data(readme_sort):
+    """With drift correction (the default) Phy reads the corrected whitened data the templates were fit to."""
+    folder = readme_sort["folder"] / "output"
+    params = phy_params(folder)
     igood = np.load(readme_sort["folder"] / ".kilosort" / "context" / "igood.npy")  # the good channels
-    np.testing.assert_array_equal(np.load(folder / "channel_map.npy"), CHAN_MAP[igood])
+    assert params["n_channels_dat"] == igood.sum() and params["dtype"] == "int16" and params["hp_filtered"]
+    assert params["dat_path"] == str((readme_sort["folder"] / ".kilosort" / "context" / "temp_wh.dat").absolute())
     assert (folder / "ks2py.log").exists() and (folder / "cluster_KSLabel.tsv").exists()
+
+
+@pytest.mark.slow
+def test_phy_folder_reads_the_raw_file_without_drift_correction(readme_sort, tmp_path):
+    folder = readme_sort["folder"]
+    si_ks2py.run(folder / "imec_385_100s.bin", probe=probe_bunch(folder), dir_path=tmp_path, verbose=False,
+                 progress=False, do_correction=False)
+    params = phy_params(tmp_path / "output")
+    assert params["n_channels_dat"] == N_TOTAL and params["dtype"] == "int16" and not params["hp_filtered"]
+    assert params["dat_path"] == str((folder / "imec_385_100s.bin").absolute())
+    igood = np.load(tmp_path / ".kilosort" / "context" / "igood.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "output" / "channel_map.npy"), CHAN_MAP[igood])
 
 
 @pytest.mark.slow
