@@ -1,0 +1,49 @@
+"""Issue 30: shared folders, stale caches, lost outputs and silent wrong results."""
+
+import numpy as np
+import pytest
+
+from si_ks2py.export.sorting import read_params_py, read_sorting
+
+
+def write_phy_folder(folder, params_text):
+    """The files read_sorting reads: two units, three spikes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "spike_times.npy", np.array([10, 20, 30], dtype=np.uint64))
+    np.save(folder / "spike_clusters.npy", np.array([0, 1, 0], dtype=np.uint32))
+    for name, values in (("KSLabel", ("good", "mua")), ("ContamPct", ("1.0", "2.0")), ("Amplitude", ("3.0", "4.0"))):
+        (folder / f"cluster_{name}.tsv").write_text(f"cluster_id\t{name}\n0\t{values[0]}\n1\t{values[1]}\n")
+    (folder / "params.py").write_text(params_text)
+
+
+PARAMS_PY = ("dat_path = '/data/rec.dat'\nn_channels_dat = 16\ndtype = 'int16'\noffset = 0\n"
+             "sample_rate = 30000.0\nhp_filtered = False\n")
+
+
+def test_params_py_is_parsed_as_literals_never_run(tmp_path):
+    write_phy_folder(tmp_path / "ok", PARAMS_PY)
+    assert read_params_py(tmp_path / "ok") == {"dat_path": "/data/rec.dat", "n_channels_dat": 16, "dtype": "int16",
+                                               "offset": 0, "sample_rate": 30000.0, "hp_filtered": False}
+    assert read_sorting(tmp_path / "ok").get_sampling_frequency() == 30000.0
+    marker = tmp_path / "ran"
+    for i, code in enumerate([f"open({str(marker)!r}, 'w').close()\n",
+                              f"sample_rate = open({str(marker)!r}, 'w').close() or 30000.0\n",
+                              f"import os\nsample_rate = 30000.0\n",
+                              "sample_rate = 30000.0 +\n"]):
+        folder = tmp_path / f"bad{i}"
+        write_phy_folder(folder, PARAMS_PY + code)
+        with pytest.raises(ValueError, match=r"params\.py"):
+            read_sorting(folder)
+    assert not marker.exists()
+
+
+def test_sorter_folder_is_read_without_running_its_params_py(tmp_path):
+    import spikeinterface.sorters  # noqa: F401  (registers the sorter)
+
+    from si_ks2py import Ks2PySorter
+
+    marker = tmp_path / "ran"
+    write_phy_folder(tmp_path / "sorter_output", PARAMS_PY + f"x = __import__('os').mkdir({str(marker)!r})\n")
+    with pytest.raises(ValueError, match="not a literal"):
+        Ks2PySorter._get_result_from_folder(tmp_path / "sorter_output")
+    assert not marker.exists()
