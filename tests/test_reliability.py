@@ -47,3 +47,48 @@ def test_sorter_folder_is_read_without_running_its_params_py(tmp_path):
     with pytest.raises(ValueError, match="not a literal"):
         Ks2PySorter._get_result_from_folder(tmp_path / "sorter_output")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"nt0min": 30}, r"'nt0min' = 30 must be smaller than the template length: at 10000 Hz .* 21 samples"),
+    ({"projection_threshold": [4, 10]}, r"'projection_threshold' = \[4, 10\]: the first"),
+    ({"cache_folder": ""}, r"'cache_folder' is empty"),
+    ({"cache_folder": "  "}, r"'cache_folder' is empty"),
+])
+def test_inconsistent_params_are_refused_before_work(tmp_path, change, message):
+    from si_ks2py import params
+    from si_ks2py.pipeline import run
+
+    recording = small_recording(sampling_frequency=10000.0)
+    with pytest.raises(ValueError, match=message):
+        params.validate(change, 10000.0)
+    with pytest.raises(ValueError, match=message):
+        run(recording, tmp_path / "out", {"device": "cpu", "progress": False, **change}, verbose=False)
+    assert not (tmp_path / "out" / "cache").exists()
+    params.validate({"nt0min": 20, "projection_threshold": [4, 4]}, 10000.0)  # consistent values pass
+
+
+def small_recording(duration=10.0, sampling_frequency=30000.0, seed=0, **kwargs):
+    """10 s, 16 channels, 8 units, in memory (not a binary recording)."""
+    import spikeinterface.core as sc
+
+    recording, _ = sc.generate_ground_truth_recording(durations=[duration], sampling_frequency=sampling_frequency,
+                                                      num_channels=16, num_units=8, seed=seed, **kwargs)
+    return recording
+
+
+def test_deleted_whitened_file_is_not_named_as_phy_data_file(tmp_path):
+    from si_ks2py.pipeline import run
+
+    recording = small_recording(duration=4.0)
+    ctx = run(recording, tmp_path / "out", {"device": "cpu", "progress": False, "fig": False,
+                                            "delete_tmp_files": True}, verbose=False)
+    assert not ctx.intermediate.has_file("temp_wh.dat")
+    values = read_params_py(tmp_path / "out")
+    assert values["dat_path"] == "" and values["hp_filtered"] is True
+    assert "no data file" in (tmp_path / "out" / "params.py").read_text()
+    from phylib.io.model import load_model
+
+    model = load_model(tmp_path / "out" / "params.py")  # phy opens it, without raw data
+    assert model.traces is None and model.n_templates > 0
+    model.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +209,22 @@ def validate(params: dict, sampling_frequency: float | None = None) -> dict:
     nt0min = full["nt0min"]
     if nt0min is not None and nt0min >= full["wave_length"]:
         raise ValueError(f"ks2py param 'nt0min' = {nt0min} must be smaller than wave_length = {full['wave_length']}")
+    if nt0min is not None and sampling_frequency is not None:
+        nt0 = template_length(full["wave_length"], sampling_frequency)
+        if nt0min >= nt0:
+            raise ValueError(f"ks2py param 'nt0min' = {nt0min} must be smaller than the template length: at "
+                             f"{sampling_frequency:g} Hz wave_length={full['wave_length']} (samples at 30 kHz) gives "
+                             f"templates of {nt0} samples; give nt0min < {nt0} (or None for ceil(20*nt0/61) = "
+                             f"{math.ceil(20 * nt0 / 61)})")
+    learning, final = full["projection_threshold"]
+    if learning < final:
+        raise ValueError(f"ks2py param 'projection_threshold' = {list(full['projection_threshold'])}: the first "
+                         "(learning) threshold must be >= the second (final extraction), e.g. [10, 4]; reversed, "
+                         "the cutoff would label every unit mua")
+    cache_folder = full["cache_folder"]
+    if cache_folder is not None and not os.fspath(cache_folder).strip():
+        raise ValueError("ks2py param 'cache_folder' is empty: it would put the cache in the current directory; "
+                         "give a folder path, or None for <output>/cache")
     if full["skip_kilosort_preprocessing"] and full["scaleproc"] is None:
         raise ValueError("ks2py param 'scaleproc' must be given when skip_kilosort_preprocessing=True (the scale of "
                          "the already-whitened recording, e.g. 200 for data whitened to unit variance x 200)")

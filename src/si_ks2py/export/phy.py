@@ -20,6 +20,7 @@ import numpy as np
 
 from ..io import binary_source
 from ..plots import spike_depths
+from . import tmp_files_to_delete
 
 logger = logging.getLogger("si_ks2py")
 
@@ -126,8 +127,12 @@ def write_small_files(ctx, folder: Path, st3, clusters, templates, whitening, wh
         dat_path, dtype, offset = ir.file_path("temp_wh.dat").absolute(), "int16", 0
         np.save(folder / "channel_map.npy", np.arange(n_chan, dtype=np.int32))
         n_channels_dat, hp_filtered = n_chan, True
+    note = ""
+    if source is None and "temp_wh.dat" in tmp_files_to_delete(ctx.user_params["delete_tmp_files"]):
+        # the whitened file is deleted after the export: phylib reads a blank dat_path as "no raw data file"
+        dat_path, note = "", "# no data file: the whitened file was deleted (delete_tmp_files)\n"
     (folder / "params.py").write_text(
-        f"dat_path = {os.fspath(dat_path)!r}\nn_channels_dat = {n_channels_dat}\ndtype = {dtype!r}\n"
+        f"{note}dat_path = {os.fspath(dat_path)!r}\nn_channels_dat = {n_channels_dat}\ndtype = {dtype!r}\n"
         f"offset = {offset}\nsample_rate = {float(p.fs)!r}\nhp_filtered = {hp_filtered}\n"
     )
 
