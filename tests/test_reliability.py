@@ -92,3 +92,51 @@ def test_deleted_whitened_file_is_not_named_as_phy_data_file(tmp_path):
     model = load_model(tmp_path / "out" / "params.py")  # phy opens it, without raw data
     assert model.traces is None and model.n_templates > 0
     model.close()
+
+
+# A sort that stops in learning (once preprocessing and reorder are done) and waits there to be killed.
+SORT_THAT_WAITS = """
+import sys, time
+import spikeinterface.core as sc
+import si_ks2py
+from si_ks2py.stages import learn
+
+def wait(ctx):
+    print("learning", flush=True)
+    time.sleep(120)
+
+learn.run = wait
+recording, _ = sc.generate_ground_truth_recording(durations=[4.0], sampling_frequency=30000.0, num_channels=16,
+                                                  num_units=8, seed=0)
+si_ks2py.run(recording, sys.argv[1], verbose=False, device="cpu", progress=False, fig=False,
+             cache_folder=sys.argv[2])
+"""
+
+
+def test_a_folder_in_use_is_refused_at_once_and_a_killed_sort_leaves_no_lock(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import si_ks2py
+    from si_ks2py.context import FolderInUseError
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    other = subprocess.Popen([sys.executable, "-c", SORT_THAT_WAITS, str(out), str(cache)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert other.stdout.readline().strip() == "learning"
+        recording = small_recording(duration=4.0, seed=3)  # another recording
+        params = {"device": "cpu", "progress": False, "fig": False}
+        for folder, cache_folder, what in ((out, None, "output folder"), (tmp_path / "out2", cache, "cache folder")):
+            t = time.perf_counter()
+            with pytest.raises(FolderInUseError, match=f"the {what} .* is in use by another ks2py sort "
+                                                       f"\\(process {other.pid}\\)"):
+                si_ks2py.run(recording, folder, verbose=False, cache_folder=cache_folder, **params)
+            assert time.perf_counter() - t < 5
+        assert not (tmp_path / "out2" / "spike_times.npy").exists()
+    finally:
+        other.kill()  # SIGKILL: the system drops its locks
+        other.wait()
+    sorting = si_ks2py.run(recording, out, verbose=False, cache_folder=cache, **params)
+    assert sorting.get_num_units() > 0

@@ -42,11 +42,13 @@ def run(recording, output_folder, verbose: bool = True, **params):
 
     Returns the sorting as a SpikeInterface NumpySorting.
     """
+    from .context import folder_lock
     from .export.sorting import read_sorting
     from .pipeline import run as run_pipeline
 
-    ctx = run_pipeline(recording, output_folder, params, verbose=verbose)
-    return read_sorting(ctx.output_folder, keep_good_only=ctx.user_params["keep_good_only"])
+    with folder_lock(output_folder, "output folder"):  # no other sort replaces the files before they are read
+        ctx = run_pipeline(recording, output_folder, params, verbose=verbose)
+        return read_sorting(ctx.output_folder, keep_good_only=ctx.user_params["keep_good_only"])
 
 
 __all__ = ["Ks2PySorter", "default_params", "run", "__version__"]

@@ -24,6 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system
+    fcntl = None
+
 logger = logging.getLogger("si_ks2py")
 
 
@@ -89,6 +94,58 @@ def _atomic_write(path: Path, write):
     """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
     with _atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
+
+
+LOCK_FILE = ".ks2py.lock"
+_held_locks: dict[Path, list] = {}  # folder -> [open lock file, owning thread id, depth]
+_held_locks_guard = threading.Lock()
+
+
+class FolderInUseError(RuntimeError):
+    """Another sort holds the lock of an output or cache folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what: str = "folder"):
+    """Hold an exclusive lock on ``folder`` (created if need be) for the block: ``flock`` on its ``.ks2py.lock``,
+    which the system drops when the process ends, however it ends (a killed sort leaves no lock held). Another
+    process, or another thread of this one, holding it gives FolderInUseError at once; the thread holding it may
+    take it again (nested). The lock file holds the owner's pid, for the message."""
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    me = threading.get_ident()
+    with _held_locks_guard:
+        held = _held_locks.get(folder)
+        if held is not None and held[1] == me:
+            held[2] += 1
+        elif held is not None:
+            raise FolderInUseError(f"the {what} {folder} is in use by another sort in this process: wait for it to "
+                                   "end, or sort into another folder")
+        else:
+            f = open(folder / LOCK_FILE, "a+")
+            try:
+                if fcntl is not None:  # not a POSIX system: no lock
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                owner = f.read().strip() or "unknown"
+                f.close()
+                raise FolderInUseError(
+                    f"the {what} {folder} is in use by another ks2py sort (process {owner}): wait for it to end, "
+                    "or sort into another folder (two sorts in one folder overwrite each other's files)") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            _held_locks[folder] = held = [f, me, 1]
+    try:
+        yield
+    finally:
+        with _held_locks_guard:
+            held[2] -= 1
+            if held[2] == 0:
+                del _held_locks[folder]
+                held[0].close()  # closing the file drops the flock
 
 
 class Intermediate:

@@ -22,7 +22,7 @@ from . import __version__
 from . import params as params_module
 from .backend import get_ops
 from .checks import check_recording_values
-from .context import Context, Intermediate, fingerprint
+from .context import Context, Intermediate, fingerprint, folder_lock
 from .export import queue_batch_figure, run_export
 from .io import release_whitened, unpin_whitened
 from .plots import FigureProcess
@@ -111,6 +111,12 @@ def preload_later_stages():
     threading.Thread(target=preload, name="ks2py-preload", daemon=True).start()
 
 
+def cache_folder_of(output_folder, params: dict) -> Path:
+    """The cache folder of a sort: the ``cache_folder`` param, by default <output>/cache."""
+    folder = params.get("cache_folder")
+    return Path(output_folder) / "cache" if folder is None else Path(folder)
+
+
 def build_context(recording, output_folder, user_params: dict | None = None, verbose: bool = True) -> Context:
     """Validate everything, resolve params and probe, open the cache: all before any heavy work. A thread imports
     the code of the sort meanwhile (its imports run mostly while this thread reads and checks the recording)."""
@@ -123,7 +129,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         check_recording_values(recording, run_params.t_start, run_params.t_stop)
         output_folder = Path(output_folder)
         output_folder.mkdir(parents=True, exist_ok=True)
-        cache_folder = Path(full["cache_folder"]) if full["cache_folder"] is not None else output_folder / "cache"
+        cache_folder = cache_folder_of(output_folder, full)
         fps = stage_fingerprints(recording_fingerprint(recording), full)
         ops, kernels_loading = imported.result()
     return Context(
@@ -245,6 +251,14 @@ def run(recording, output_folder, params: dict | None = None, verbose: bool = Tr
     """Sort ``recording`` into ``output_folder``; returns the Context (its timings say what ran)."""
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
+    params_module.validate(params or {})  # a bad param is refused before a folder is locked
+    with contextlib.ExitStack() as locks:  # held until the sort ends; a second sort of a folder fails at once
+        locks.enter_context(folder_lock(output_folder, "output folder"))
+        locks.enter_context(folder_lock(cache_folder_of(output_folder, params or {}), "cache folder"))
+        return run_locked(recording, output_folder, params, verbose, stop_after)
+
+
+def run_locked(recording, output_folder: Path, params, verbose: bool, stop_after: str | None):
     with run_log(output_folder, verbose):
         ctx = build_context(recording, output_folder, params, verbose)
         logger.info("ks2py %s: %d channels, %.1f s, device %s", __version__, len(ctx.probe.chanMap),
