@@ -140,3 +140,58 @@ def test_a_folder_in_use_is_refused_at_once_and_a_killed_sort_leaves_no_lock(tmp
         other.wait()
     sorting = si_ks2py.run(recording, out, verbose=False, cache_folder=cache, **params)
     assert sorting.get_num_units() > 0
+
+
+def test_changed_samples_or_shanks_are_noticed_and_everything_reruns(tmp_path):
+    """Data changed outside every sampled window (of a binary recording: same size, the mtime put back; and of
+    an in-memory recording), or other shank ids, rerun every stage; an unchanged recording reruns none."""
+    import os
+
+    import spikeinterface.core as sc
+
+    from si_ks2py import pipeline
+
+    params = {"device": "cpu", "progress": False}
+    recording = small_recording(duration=4.0).save(folder=tmp_path / "rec", verbose=False)
+    out = tmp_path / "out"
+    first = pipeline.run(recording, out, params, verbose=False, stop_after="reorder")
+    assert set(first.timings) == {"preprocess", "reorder"}
+    again = pipeline.run(sc.load(tmp_path / "rec"), out, params, verbose=False, stop_after="reorder")
+    assert again.timings == {}
+
+    # one sample changed away from every sampled window; the file keeps its size and modification time
+    n = recording.get_num_samples()
+    sampled = np.linspace(0, n - 256, 32).astype(int)  # the windows of the fingerprint (8 in earlier versions)
+    t = int(sampled[3] + 256 + (sampled[4] - sampled[3] - 256) // 2)
+    path = recording.get_binary_description()["file_paths"][0]
+    info = os.stat(path)
+    traces = np.memmap(path, dtype=recording.get_dtype(), mode="r+", shape=(n, recording.get_num_channels()))
+    traces[t, 5] += 1
+    traces.flush()
+    del traces
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    touched = pipeline.run(sc.load(tmp_path / "rec"), out, params, verbose=False, stop_after="reorder")
+    assert touched.timings == {}  # the cheap identity cannot see it...
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # ...until the file's time says it changed
+    changed = pipeline.run(sc.load(tmp_path / "rec"), out, params, verbose=False, stop_after="reorder")
+    assert set(changed.timings) == {"preprocess", "reorder"}
+    assert pipeline.run(sc.load(tmp_path / "rec"), out, params, verbose=False, stop_after="reorder").timings == {}
+
+    # an in-memory recording: no cheap identity, every sample compared on each rerun
+    memory = sc.NumpyRecording([recording.get_traces()], recording.sampling_frequency)
+    memory.set_probe(recording.get_probe())
+    pipeline.run(memory, tmp_path / "mem", params, verbose=False, stop_after="preprocess")
+    assert pipeline.run(memory, tmp_path / "mem", params, verbose=False, stop_after="preprocess").timings == {}
+    traces = recording.get_traces().copy()
+    traces[t, 5] += 1
+    edited = sc.NumpyRecording([traces], recording.sampling_frequency)
+    edited.set_probe(recording.get_probe())
+    assert "preprocess" in pipeline.run(edited, tmp_path / "mem", params, verbose=False,
+                                        stop_after="preprocess").timings
+
+    # other shanks (kcoords): the channel neighbourhoods change
+    probe = recording.get_probe()
+    probe.set_shank_ids(np.repeat(["0", "1"], 8))
+    edited.set_probe(probe)
+    shanks = pipeline.run(edited, tmp_path / "mem", params, verbose=False, stop_after="preprocess")
+    assert "preprocess" in shanks.timings

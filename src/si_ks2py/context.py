@@ -168,7 +168,7 @@ class Intermediate:
         object.__setattr__(self, "_writer", None)  # the thread that writes arrays and the manifest, in order
         object.__setattr__(self, "_write_failed", False)
         self.folder.mkdir(parents=True, exist_ok=True)
-        manifest = {"arrays": {}, "files": {}, "stages": {}}
+        manifest = {"arrays": {}, "files": {}, "stages": {}, "recording": {}}
         path = self.folder / "manifest.json"
         if path.exists():
             try:
@@ -217,6 +217,31 @@ class Intermediate:
                 raise
 
         self._background.append(self._writer.submit(guarded))
+
+    def record_recording(self, identity, digest: str):
+        """Record (in order with the stage's arrays) what preprocessing saw of the recording: its cheap identity
+        (pipeline.recording_identity) and the digest of every sample (io.content_digest), for the preprocessing
+        fingerprint of this run."""
+        entry = {"preprocess": self.stage_fingerprints["preprocess"], "identity": identity, "digest": digest}
+        self._in_order(lambda: self._update_manifest("recording", "content", entry))
+
+    def recorded_recording(self) -> dict | None:
+        """What record_recording recorded for this run's preprocessing fingerprint, or None."""
+        entry = self._manifest["recording"].get("content")
+        if entry is None or entry.get("preprocess") != self.stage_fingerprints.get("preprocess"):
+            return None
+        return entry
+
+    def update_recorded_identity(self, identity):
+        """The recording's content was found unchanged under another cheap identity: record that one."""
+        self._update_manifest("recording", "content", {**self._manifest["recording"]["content"], "identity": identity})
+
+    def forget_everything(self):
+        """Drop every record of the manifest (the files stay, never read again): every stage reruns."""
+        with self._lock:
+            for kind in ("arrays", "files", "stages", "recording"):
+                self._manifest[kind] = {}
+        self._update_manifest("stages", "-", None)  # saved
 
     def stage_is_done(self, stage: str) -> bool:
         return self._manifest["stages"].get(stage) == self.stage_fingerprints[stage]
@@ -354,5 +379,6 @@ class Context(Bunch):
     the chosen device), ``output_folder``, ``user_params`` (as given), ``timings`` (seconds per stage) and
     ``whitened`` (the whitened data in host memory when this run's preprocessing kept it there, else None),
     ``whitened_pinning`` (the future of its page-locking, see io.pin_when_populated, or None), ``figures``
-    (the process drawing the QC figures, plots.FigureProcess, or None) and ``kernels_loading`` (the thread loading
-    preprocessing's kernels on the GPU, see preprocess.load_kernels, or None)."""
+    (the process drawing the QC figures, plots.FigureProcess, or None), ``kernels_loading`` (the thread loading
+    preprocessing's kernels on the GPU, see preprocess.load_kernels, or None) and ``recording_identity`` (the
+    recording's cheap identity, pipeline.recording_identity, or None)."""

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from .backend import get_ops
 from .checks import check_recording_values
 from .context import Context, Intermediate, fingerprint, folder_lock
 from .export import queue_batch_figure, run_export
-from .io import release_whitened, unpin_whitened
+from .io import content_digest, release_whitened, unpin_whitened
 from .plots import FigureProcess
 from .probe import probe_from_recording
 
@@ -35,8 +36,14 @@ STAGES = tuple(s for s in params_module.STAGES if s != "export")
 STAGE_VERSIONS = {"preprocess": 3, "reorder": 6, "learn": 5, "extract": 3, "merge": 1, "split": 4, "cutoff": 1}
 
 
-def recording_fingerprint(recording) -> str:
-    """Shape, rate, channels, locations and the bytes of 8 short windows spread over the recording."""
+#: short windows of the recording whose bytes are in its fingerprint (the cheap part of the check of its content)
+FINGERPRINT_WINDOWS = 32
+
+
+def recording_fingerprint(recording, probe=None) -> str:
+    """Shape, rate, dtype, channels, locations, the probe's channel map and shanks (kcoords), and the bytes of
+    FINGERPRINT_WINDOWS short windows spread over the recording. The stage fingerprints chain from it; the rest of
+    the samples are checked by check_recording_content."""
     n = recording.get_num_samples(segment_index=0)
     parts = [
         recording.get_sampling_frequency(),
@@ -45,10 +52,90 @@ def recording_fingerprint(recording) -> str:
         [str(c) for c in recording.get_channel_ids()],
         np.round(recording.get_channel_locations(), 6).tolist(),
     ]
-    for start in np.linspace(0, max(n - 256, 0), 8).astype(int):
+    if probe is not None:
+        parts.append([np.asarray(probe[k]).tolist() for k in ("chanMap", "xc", "yc", "kcoords")])
+    for start in np.linspace(0, max(n - 256, 0), FINGERPRINT_WINDOWS).astype(int):
         traces = recording.get_traces(segment_index=0, start_frame=int(start), end_frame=int(min(n, start + 256)))
         parts.append(hashlib.sha256(np.ascontiguousarray(traces).tobytes()).hexdigest())
     return fingerprint(parts)
+
+
+class _NotInFiles(Exception):
+    pass
+
+
+MAX_IDENTITY_FILES = 256  # files of a recording's folders whose sizes and times are checked, at most
+
+
+def recording_identity(recording):
+    """The cheap identity of a recording's content: the arguments it was made from (its kwargs, and those of the
+    recordings it derives from), with each path that exists replaced by the path, size and modification time of
+    the file (of each file under a folder, MAX_IDENTITY_FILES at most). None when some data is not in a file (an
+    array of more than 1000 values among the kwargs, e.g. a NumpyRecording's traces), or when no file was found:
+    then nothing cheap says the content is unchanged, and a rerun reads every sample again."""
+    files = []
+
+    def stat(path: Path):
+        info = path.stat()
+        files.append([str(path.absolute()), info.st_size, info.st_mtime_ns])
+        if len(files) > MAX_IDENTITY_FILES:
+            raise _NotInFiles
+
+    def walk(value):
+        if hasattr(value, "_kwargs") and hasattr(value, "get_traces"):
+            return [type(value).__name__, walk(value._kwargs)]
+        if isinstance(value, dict):
+            return {str(k): walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        if isinstance(value, np.ndarray):
+            if value.size > 1000:
+                raise _NotInFiles
+            return value.tolist()
+        if isinstance(value, (str, Path)) and str(value) and os.path.exists(value):
+            path = Path(value)
+            for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                if file.is_file():
+                    stat(file)
+            return str(path.absolute())
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (np.integer, np.floating, np.bool_)):
+            return value.item()
+        raise _NotInFiles  # an object whose content we cannot vouch for
+
+    try:
+        arguments = walk(recording)
+    except (_NotInFiles, OSError):
+        return None
+    return fingerprint(arguments, files) if files else None
+
+
+def check_recording_content(ctx):
+    """Before any stage is skipped: is the recording the one the cache was computed from? Its fingerprint (shape,
+    channels, probe, sampled windows) is in every stage's; the rest is checked here. When the cheap identity
+    (recording_identity) equals the one recorded by the cached preprocessing, yes; otherwise every sample is
+    read again (io.content_digest, one pass) and compared with the digest preprocessing computed from the samples
+    it read. A difference, or no record (a cache of an earlier version), drops the whole cache: every stage
+    reruns."""
+    ir, p = ctx.intermediate, ctx.params
+    if not ir.stage_is_done("preprocess"):
+        return  # nothing would be skipped
+    entry, identity = ir.recorded_recording(), ctx.get("recording_identity")
+    if entry is not None and identity is not None and entry["identity"] == identity:
+        return
+    if entry is not None:
+        t = time.perf_counter()
+        digest = content_digest(ctx.raw_data, p.t_start, p.t_stop, p.NT - p.ntbuff)
+        if digest == entry["digest"]:
+            logger.info("recording unchanged since the cached sort (every sample read and compared in %.2f s)",
+                        time.perf_counter() - t)
+            if identity is not None:
+                ir.update_recorded_identity(identity)
+            return
+    logger.warning("the recording's samples differ from those of the cached sort in %s (or were not recorded): "
+                   "every stage reruns", ir.folder)
+    ir.forget_everything()
 
 
 def stage_fingerprints(recording_fp: str, full_params: dict) -> dict[str, str]:
@@ -130,7 +217,8 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         output_folder = Path(output_folder)
         output_folder.mkdir(parents=True, exist_ok=True)
         cache_folder = cache_folder_of(output_folder, full)
-        fps = stage_fingerprints(recording_fingerprint(recording), full)
+        fps = stage_fingerprints(recording_fingerprint(recording, probe), full)
+        identity = recording_identity(recording)
         ops, kernels_loading = imported.result()
     return Context(
         raw_data=recording,
@@ -146,6 +234,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         whitened_pinning=None,
         figures=None,
         kernels_loading=kernels_loading,
+        recording_identity=identity,
     )
 
 
@@ -211,6 +300,7 @@ def out_of_memory_advice(stage: str, params, err: BaseException) -> str:
 def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
     ir = ctx.intermediate
     stages = STAGES if stop_after is None else STAGES[:STAGES.index(stop_after) + 1]
+    check_recording_content(ctx)
     to_run = stages_to_run(ctx, stages)
     try:
         for stage in stages:

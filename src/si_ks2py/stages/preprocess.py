@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..io import (RecordingReader, chunk_windows, is_pinned, large_host_array, on_own_streams, pin_when_populated,
-                  prefetch, whitened_fits_in_memory)
+from ..io import (RecordingReader, chunk_digest, chunk_windows, combined_digest, is_pinned, large_host_array,
+                  on_own_streams, pin_when_populated, prefetch, whitened_fits_in_memory)
 from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
@@ -213,15 +213,19 @@ def to_int16(ops, x):
 def whiten_chunk(ops, reader: RecordingReader, wrot_dev, params, coefficients, pinned_copy, window):
     """One chunk of the main pass: filtered with its context, whitened, scaled to int16 [n_out, Nchan]. Copied by
     DMA straight into its rows of ``pinned_copy()`` (the in-memory copy [n_samples, Nchan] once page-locked, else
-    None) and None returned; otherwise returned on the host."""
+    None) and None returned; otherwise returned on the host. Returns (that, io.chunk_digest of the raw traces of
+    the chunk's own samples, every channel: hashed on the host buffer read, while the device works)."""
     read, out = window
-    raw = reader.to_device(ops, reader.read_staged(ops, *read))
-    x = whitened_int16(ops, raw, slice(out[0] - read[0], out[1] - read[0]), wrot_dev, params, coefficients)
+    own = slice(out[0] - read[0], out[1] - read[0])
+    host = reader.read_staged(ops, *read)
+    raw = reader.to_device(ops, host)
+    x = whitened_int16(ops, raw, own, wrot_dev, params, coefficients)
+    digest = chunk_digest(host[own])
     destination = pinned_copy()
     if destination is None:
-        return np.ascontiguousarray(ops.to_host(x))
+        return np.ascontiguousarray(ops.to_host(x)), digest
     ops.copy_to_host(x, destination[out[0]:out[1]])
-    return None
+    return None, digest
 
 
 def whitened_int16(ops, raw, own: slice, wrot_dev, params, coefficients):
@@ -263,14 +267,16 @@ def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store
     """The main pass: every chunk filtered with its context, whitened, scaled, int16 [n_out, Nchan], by
     GPU_WORKERS threads side by side. A chunk goes straight into ``pinned_copy()`` where that gives the in-memory
     copy (page-locked); otherwise ``store(block, out)`` is called for it by writer threads while the next ones are
-    processed (in order with one writer; several may store chunks side by side)."""
+    processed (in order with one writer; several may store chunks side by side). Returns the raw chunks'
+    digests in order (io.chunk_digest)."""
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples) for k in range(params.Nbatch)]
     chunk = functools.partial(whiten_chunk, ops, reader, ops.asarray(wrot, dtype=ops.xp.float32), params,
                               filter_coefficients(params), pinned_copy)
     bar = progress_bar(total=len(windows), desc="preprocess", unit="batch", enabled=show_progress)
     with ThreadPoolExecutor(max_workers=store_workers) as writer:
-        stored = collections.deque()
-        for (_, out), block in prefetch(on_own_streams(ops, chunk), windows, GPU_WORKERS):
+        stored, digests = collections.deque(), []
+        for (_, out), (block, digest) in prefetch(on_own_streams(ops, chunk), windows, GPU_WORKERS):
+            digests.append(digest)
             while len(stored) > store_workers:  # bounded: each waiting block holds a page-locked buffer
                 stored.popleft().result()
             if block is not None:
@@ -279,6 +285,7 @@ def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store
         for future in stored:
             future.result()
     bar.close()
+    return digests
 
 
 def write_rows(f, data: np.ndarray, rows: int = 2 ** 16):
@@ -331,11 +338,13 @@ def run(ctx):
         def pinned_copy():  # the chunks finished once the copy is page-locked go straight into it
             return whitened if is_pinned(pinning) else None
 
-        write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, STORE_WORKERS, pinned_copy)
+        digests = write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, STORE_WORKERS, pinned_copy)
         ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, whitened))
         ctx.whitened = whitened
     else:
         with ir.write_file("temp_wh.dat") as tmp, open(tmp, "wb") as f:
-            write_whitened(ops, reader, wrot, params, lambda block, out: f.write(memoryview(block)),
-                           ctx.show_progress)
+            digests = write_whitened(ops, reader, wrot, params, lambda block, out: f.write(memoryview(block)),
+                                     ctx.show_progress)
     ir.igood, ir.chanMap, ir.xc, ir.yc, ir.kcoords, ir.Wrot = igood, chan_map, xc, yc, kcoords, wrot
+    # what a rerun checks the recording against before it skips any stage (pipeline.check_recording_content)
+    ir.record_recording(ctx.get("recording_identity"), combined_digest(digests))
