@@ -195,3 +195,45 @@ def test_changed_samples_or_shanks_are_noticed_and_everything_reruns(tmp_path):
     edited.set_probe(probe)
     shanks = pipeline.run(edited, tmp_path / "mem", params, verbose=False, stop_after="preprocess")
     assert "preprocess" in shanks.timings
+
+
+def test_damaged_cache_files_are_named_and_recomputed_and_a_failed_export_keeps_the_old_files(tmp_path, caplog,
+                                                                                               monkeypatch):
+    import logging
+
+    from si_ks2py.export import phy
+    from si_ks2py.pipeline import run
+
+    params = {"device": "cpu", "progress": False, "fig": False}
+    recording = small_recording(duration=4.0)
+    out = tmp_path / "out"
+    run(recording, out, params, verbose=False)
+    reference = {name: (out / name).read_bytes() for name in phy.PHY_FILES}
+
+    # an export that fails half-way (a full disk) leaves the earlier export as it was
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(phy, "write_tsv", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run(recording, out, params, verbose=False)
+    monkeypatch.undo()
+    assert {name: (out / name).read_bytes() for name in phy.PHY_FILES} == reference
+    assert not (out / phy.STAGING).exists()
+
+    # garbage of the right size in an array of the cutoff, then a truncated array of the split: each is named,
+    # and its stage and those after it rerun, to the same result
+    cache = out / "cache"
+    size = (cache / "good.npy").stat().st_size
+    (cache / "good.npy").write_bytes(b"\x93NUMPY" + b"\x01" * (size - 6))
+    for name, stage, rerun in (("good", "cutoff", {"cutoff"}), ("W_s", "split", {"split", "cutoff"})):
+        if name == "W_s":
+            (cache / "W_s.npy").write_bytes((cache / "W_s.npy").read_bytes()[:100])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="si_ks2py"):
+            ctx = run(recording, out, params, verbose=False)
+        messages = "\n".join(r.getMessage() for r in caplog.records)
+        assert f"cache file {cache / (name + '.npy')} is damaged" in messages, messages
+        assert f"the '{stage}' stage reruns" in messages
+        assert set(ctx.timings) - {"export"} == rerun
+        assert {name: (out / name).read_bytes() for name in phy.PHY_FILES} == reference

@@ -148,6 +148,21 @@ def folder_lock(folder, what: str = "folder"):
                 held[0].close()  # closing the file drops the flock
 
 
+CHECKSUM_BYTES = 100e6  # cache files up to this size are recorded with a digest of their bytes, larger ones by size
+
+
+def file_record(path: Path, with_digest: bool = True) -> dict:
+    """{"bytes": size} of a cache file, and "digest" (io.chunk_digest of its bytes) when it is at most
+    CHECKSUM_BYTES (and with_digest)."""
+    size = path.stat().st_size
+    record = {"bytes": size}
+    if with_digest and size <= CHECKSUM_BYTES:
+        from .io import chunk_digest
+
+        record["digest"] = chunk_digest(np.fromfile(path, dtype=np.uint8)).hex()
+    return record
+
+
 class Intermediate:
     """Attribute access to the cached arrays of one run.
 
@@ -156,7 +171,7 @@ class Intermediate:
     """
 
     _own = ("folder", "stage_fingerprints", "current_stage", "_memory", "_manifest", "_lock", "_background",
-            "_writer", "_write_failed")
+            "_writer", "_write_failed", "_checked")
 
     def __init__(self, folder, stage_fingerprints: dict[str, str]):
         object.__setattr__(self, "folder", Path(folder))
@@ -167,6 +182,7 @@ class Intermediate:
         object.__setattr__(self, "_background", [])  # futures of the writes not waited for yet
         object.__setattr__(self, "_writer", None)  # the thread that writes arrays and the manifest, in order
         object.__setattr__(self, "_write_failed", False)
+        object.__setattr__(self, "_checked", {})  # name -> whether its file matched its record (checked once)
         self.folder.mkdir(parents=True, exist_ok=True)
         manifest = {"arrays": {}, "files": {}, "stages": {}, "recording": {}}
         path = self.folder / "manifest.json"
@@ -197,9 +213,27 @@ class Intermediate:
             raise RuntimeError(f"intermediate '{name}' written outside a stage")
         return stage
 
-    def _record(self, kind: str, name: str, stage: str | None = None):
+    def _record(self, kind: str, name: str, stage: str | None = None, path: Path | None = None):
+        """Record a file written for ``stage``, with its size and (up to CHECKSUM_BYTES) a digest of its bytes."""
         stage = self._writing_stage(name, stage)
-        self._update_manifest(kind, name, {"stage": stage, "fingerprint": self.stage_fingerprints[stage]})
+        entry = {"stage": stage, "fingerprint": self.stage_fingerprints[stage]}
+        if path is not None:
+            entry.update(file_record(path))
+        self._checked.pop(name, None)
+        self._update_manifest(kind, name, entry)
+
+    def _intact(self, kind: str, name: str, path: Path) -> bool:
+        """Whether the file of a valid entry is the one recorded (size, digest); checked once per run, and a
+        damaged one (truncated, overwritten) is logged by name: its stage reruns."""
+        if name not in self._checked:
+            entry = self._manifest[kind][name]
+            actual = file_record(path, with_digest="digest" in entry)
+            problem = next((f"{key} {actual.get(key)} where {entry[key]} was recorded" for key in ("bytes", "digest")
+                            if key in entry and actual.get(key) != entry[key]), None)
+            if problem is not None:
+                logger.warning("cache file %s is damaged (%s): the '%s' stage reruns", path, problem, entry["stage"])
+            self._checked[name] = problem is None
+        return self._checked[name]
 
     def _in_order(self, job):
         """Queue ``job()`` (a write of the cache) for the writer thread, after the writes queued before it; once
@@ -254,7 +288,8 @@ class Intermediate:
         if name in self._memory:
             return True
         entry = self._manifest["arrays"].get(name)
-        return self._entry_is_valid(entry) and (self.folder / f"{name}.npy").exists()
+        path = self.folder / f"{name}.npy"
+        return self._entry_is_valid(entry) and path.exists() and self._intact("arrays", name, path)
 
     # --- arrays ------------------------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -266,7 +301,11 @@ class Intermediate:
             raise AttributeError(f"no valid intermediate '{name}' in {self.folder}")
         path = self.folder / f"{name}.npy"
         # large arrays (spike features) are memory-mapped read-only so reading them costs no RAM up front
-        value = np.load(path, mmap_mode="r" if path.stat().st_size > 100e6 else None, allow_pickle=False)
+        try:
+            value = np.load(path, mmap_mode="r" if path.stat().st_size > 100e6 else None, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise RuntimeError(f"cache file {path} could not be read ({type(err).__name__}: {err}); delete it and "
+                               "sort again: the stage that wrote it reruns") from err
         self._memory[name] = value
         return value
 
@@ -283,7 +322,7 @@ class Intermediate:
 
         def write():
             _atomic_write(self.folder / f"{name}.npy", lambda f: np.save(f, array, allow_pickle=False))
-            self._record("arrays", name, stage)
+            self._record("arrays", name, stage, self.folder / f"{name}.npy")
 
         self._in_order(write)
 
@@ -305,7 +344,7 @@ class Intermediate:
 
         def finish():
             _sync_into_place(tmp, path)
-            self._record("arrays", name, stage)
+            self._record("arrays", name, stage, path)
 
         self._in_order(finish)
 
@@ -317,7 +356,8 @@ class Intermediate:
     def file_path(self, name: str) -> Path:
         """Path of a valid cached file, or FileNotFoundError."""
         path = self.folder / name
-        if not (self._entry_is_valid(self._manifest["files"].get(name)) and path.exists()):
+        if not (self._entry_is_valid(self._manifest["files"].get(name)) and path.exists()
+                and self._intact("files", name, path)):
             raise FileNotFoundError(f"no valid cached file '{name}' in {self.folder}")
         return path
 
@@ -342,7 +382,7 @@ class Intermediate:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        self._record("files", name, stage)
+        self._record("files", name, stage, final)
         logger.info("%s written", name)
 
     def write_file_in_background(self, name: str, write):
