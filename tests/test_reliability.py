@@ -237,3 +237,65 @@ def test_damaged_cache_files_are_named_and_recomputed_and_a_failed_export_keeps_
         assert f"the '{stage}' stage reruns" in messages
         assert set(ctx.timings) - {"export"} == rerun
         assert {name: (out / name).read_bytes() for name in phy.PHY_FILES} == reference
+
+
+def test_temporary_files_left_by_a_killed_sort_are_removed_by_the_next_and_the_whitened_file_is_synced(
+        tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from si_ks2py import context
+    from si_ks2py.context import FolderInUseError, folder_lock
+    from si_ks2py.pipeline import run
+
+    out = tmp_path / "out"
+    cache, qc = out / "cache", out / "qc"
+    cache.mkdir(parents=True)
+    qc.mkdir()
+    litter = [cache / ".Wrot.npy.k2j4x9_a.part", cache / ".temp_wh.dat.part", cache / ".extract_features_0.part",
+              cache / ".manifest.json.abcdefgh.part", qc / ".templates.0123abcd.1.npz", out / ".phy-export.part"]
+    for f in litter[:-1]:
+        f.write_bytes(b"x")
+    litter[-1].mkdir()
+    (litter[-1] / "spike_times.npy").write_bytes(b"x")
+    mine = [cache / "notes.part", cache / ".hidden", qc / ".mine.npz", qc / "templates.png", out / "data.part"]
+    for f in mine:
+        f.write_bytes(b"mine")
+    recording = small_recording(duration=2.0)
+    params = {"device": "cpu", "progress": False}
+
+    # while another sort holds the folder, nothing is removed
+    held, release = threading.Event(), threading.Event()
+
+    def other_sort():
+        with folder_lock(out):
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=other_sort)
+    thread.start()
+    held.wait()
+    with pytest.raises(FolderInUseError):
+        run(recording, out, params, verbose=False, stop_after="preprocess")
+    release.set()
+    thread.join()
+    assert all(f.exists() for f in litter)
+
+    synced, events = set(), []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    def recording_replace(a, b):
+        events.append((str(b), str(a) in synced))
+        replace(a, b)
+
+    monkeypatch.setattr(context.os, "fsync", recording_fsync)
+    monkeypatch.setattr(context.os, "replace", recording_replace)
+    run(recording, out, params, verbose=False, stop_after="preprocess")
+    assert not any(f.exists() for f in litter)
+    assert all(f.read_bytes() == b"mine" for f in mine)
+    assert (str(cache / "temp_wh.dat"), True) in events  # the whitened data synced before its rename
+    assert all(was_synced for _, was_synced in events)

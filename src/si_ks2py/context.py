@@ -377,7 +377,7 @@ class Intermediate:
         self._update_manifest("files", name, None)
         try:
             yield tmp
-            os.replace(tmp, final)
+            _sync_into_place(str(tmp), final)  # the data is on disk before the manifest names the file
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -12,6 +12,8 @@ import hashlib
 import importlib
 import logging
 import os
+import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +27,9 @@ from .backend import get_ops
 from .checks import check_recording_values
 from .context import Context, Intermediate, fingerprint, folder_lock
 from .export import queue_batch_figure, run_export
+from .export.phy import STAGING
 from .io import content_digest, release_whitened, unpin_whitened
-from .plots import FigureProcess
+from .plots import FIGURES, FigureProcess
 from .probe import probe_from_recording
 
 logger = logging.getLogger("si_ks2py")
@@ -348,8 +351,31 @@ def run(recording, output_folder, params: dict | None = None, verbose: bool = Tr
         return run_locked(recording, output_folder, params, verbose, stop_after)
 
 
+#: temporary files of a sort that a killed or failed one may leave: in the cache folder (context.py's temporary
+#: files and extraction's spill files), in qc/ (the figures' job files, plots.FigureProcess)
+CACHE_LITTER = re.compile(r"^\..+\.part$")
+QC_LITTER = re.compile(r"^\.(" + "|".join(FIGURES) + r")\.[0-9a-f]{8}\.\d+\.npz$")
+
+
+def remove_litter(output_folder: Path, cache_folder: Path):
+    """Delete what an interrupted sort left: files of our temporary patterns only (CACHE_LITTER, QC_LITTER, the
+    export's staging folder). Called with both folders locked, so no running sort owns them."""
+    litter = [f for f in cache_folder.iterdir() if CACHE_LITTER.match(f.name) and f.is_file()]
+    if (output_folder / "qc").is_dir():
+        litter += [f for f in (output_folder / "qc").iterdir() if QC_LITTER.match(f.name) and f.is_file()]
+    for f in litter:
+        f.unlink(missing_ok=True)
+    staging = output_folder / STAGING
+    if staging.is_dir():
+        shutil.rmtree(staging, ignore_errors=True)
+        litter.append(staging)
+    if litter:
+        logger.info("removed %d temporary files left by an interrupted sort", len(litter))
+
+
 def run_locked(recording, output_folder: Path, params, verbose: bool, stop_after: str | None):
     with run_log(output_folder, verbose):
+        remove_litter(output_folder, cache_folder_of(output_folder, params or {}))
         ctx = build_context(recording, output_folder, params, verbose)
         logger.info("ks2py %s: %d channels, %.1f s, device %s", __version__, len(ctx.probe.chanMap),
                     ctx.params.n_samples / ctx.params.fs, ctx.ops.name)
