@@ -299,3 +299,20 @@ def test_temporary_files_left_by_a_killed_sort_are_removed_by_the_next_and_the_w
     assert all(f.read_bytes() == b"mine" for f in mine)
     assert (str(cache / "temp_wh.dat"), True) in events  # the whitened data synced before its rename
     assert all(was_synced for _, was_synced in events)
+
+
+@pytest.mark.parametrize("fs, change, says, not_says", [
+    (30000.0, {"detect_threshold": 0.5}, r"peaks below detect_threshold=0.5 .* none alone within long_range.*"
+                                         r"Raise detect_threshold", "lower detect_threshold"),
+    (30000.0, {"minFR": 1000}, r"seeded \d+ templates and dropped every one for firing below minFR=1000 Hz .*"
+                               r"lower minFR", "projection_threshold"),
+    (10000.0, {"fslow": 151}, r"passes a band of only 1 Hz.*Widen it", "scaling"),
+    (10000.0, {"freq_min": 4999}, r"freq_min=4999 Hz.*passes a band of only 1 Hz", "scaling"),
+])
+def test_errors_name_the_cause_that_was_measured(tmp_path, fs, change, says, not_says):
+    from si_ks2py.pipeline import run
+
+    recording = small_recording(duration=4.0, sampling_frequency=fs)
+    with pytest.raises(ValueError, match=says) as caught:
+        run(recording, tmp_path / "out", {"device": "cpu", "progress": False, "fig": False, **change}, verbose=False)
+    assert not_says not in str(caught.value)

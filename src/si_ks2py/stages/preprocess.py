@@ -73,6 +73,24 @@ def filter_coefficients(params) -> tuple[np.ndarray, np.ndarray]:
     return butterworth(3, (params.fshigh / nyquist,))
 
 
+def passband_width(params) -> float:
+    """Hz where the filter of ``params`` (forward-backward, as the passes filter) passes at least half of its
+    peak power, from its impulse response over 2 s (0.25 Hz resolution)."""
+    from ..cpu import ops as host_ops
+
+    n = int(2 * params.fs)
+    impulse = np.zeros((n, 1), np.float32)
+    impulse[n // 2] = 1
+    response = host_ops.filtfilt_zero_state(impulse, *filter_coefficients(params))[:, 0].astype(np.float64)
+    gain = np.abs(np.fft.rfft(response, 2 * n))  # filtfilt: the power gain of one pass
+    return float(np.count_nonzero(gain >= 0.5 * gain.max()) * params.fs / (2 * n))
+
+
+#: narrower than this, a filter band leaves spikes (about 1 ms wide: most of their power between 300 and 5000 Hz)
+#: unrecognisable; blamed only when no channel has crossings
+SPIKE_BAND_HZ = 500.0
+
+
 def filter_traces(ops, traces, params, coefficients):
     """gpufilter.m: traces [n, Nchan] (any dtype, selected channels, host or device) -> filtered float32
     [n, Nchan] on the device.
@@ -314,6 +332,15 @@ def run(ctx):
         # released after each pass, the passes' blocks do not add up
         ops.release_memory()
     if not igood.any():
+        width = passband_width(params)
+        if width < SPIKE_BAND_HZ:
+            band = f"fslow={params.fslow:g} Hz, " if params.fslow is not None else ""
+            raise ValueError(
+                f"no channel has threshold crossings at {params.minfr_goodchannels} Hz or more: the filter "
+                f"(freq_min={params.fshigh:g} Hz, {band}{params.fs:g} Hz sampling) passes a band of only "
+                f"{width:.3g} Hz, where spikes need about 300 to 5000 Hz. Widen it: lower freq_min (default 150), "
+                "or raise fslow (or leave it None)"
+            )
         raise ValueError(
             f"no channel has threshold crossings at {params.minfr_goodchannels} Hz or more (detect_threshold="
             f"{-params.spkTh}): the recording may hold no spikes, or its scaling may be wrong. Set "
