@@ -344,7 +344,7 @@ def run(recording, output_folder, params: dict | None = None, verbose: bool = Tr
     """Sort ``recording`` into ``output_folder``; returns the Context (its timings say what ran)."""
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
-    params_module.validate(params or {})  # a bad param is refused before a folder is locked
+    params_module.validate(params or {}, recording.get_sampling_frequency())  # refused before a folder is locked
     with contextlib.ExitStack() as locks:  # held until the sort ends; a second sort of a folder fails at once
         locks.enter_context(folder_lock(output_folder, "output folder"))
         locks.enter_context(folder_lock(cache_folder_of(output_folder, params or {}), "cache folder"))
