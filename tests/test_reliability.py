@@ -316,3 +316,28 @@ def test_errors_name_the_cause_that_was_measured(tmp_path, fs, change, says, not
     with pytest.raises(ValueError, match=says) as caught:
         run(recording, tmp_path / "out", {"device": "cpu", "progress": False, "fig": False, **change}, verbose=False)
     assert not_says not in str(caught.value)
+
+
+def test_short_recordings_are_cut_into_enough_batches_and_sort_as_well_as_long_ones(tmp_path, caplog):
+    import logging
+
+    import spikeinterface.core as sc
+
+    import si_ks2py
+    from si_ks2py import params
+    from si_ks2py.demo import score, summary
+
+    for fs, seconds, NT, n_batch in ((30000.0, 4, 15104, 8), (10000.0, 10, 12608, 8), (30000.0, 1.5, 8256, 6)):
+        resolved = params.resolve({}, fs, int(fs * seconds))
+        assert (resolved.NT, resolved.Nbatch) == (NT, n_batch)
+    for seconds in (7, 10, 600):  # 4 default batches or more: Kilosort's batch, results unchanged
+        assert params.resolve({}, 30000.0, 30000 * seconds).NT == 64 * 1024 + 64
+    assert params.resolve({"NT": 65600}, 30000.0, 120000).Nbatch == 2  # a given NT is kept
+
+    # 4 s at 30 kHz: with the default batch (2 batches) learning found 2 of the 8 units; 20 s find 6
+    recording, gt = sc.generate_ground_truth_recording(durations=[4.0], sampling_frequency=30000.0, num_channels=16,
+                                                       num_units=8, seed=0)
+    with caplog.at_level(logging.INFO, logger="si_ks2py"):
+        sorting = si_ks2py.run(recording, tmp_path / "out", verbose=False, device="cpu", progress=False, fig=False)
+    assert "NT=15104 (8 batches)" in caplog.text
+    assert summary(score(gt, sorting))["accuracy_0.8"] >= 5

@@ -74,8 +74,10 @@ PARAMS: tuple[Param, ...] = (
           "each side of a batch.", low=1, high=100000),
     Param("nfilt_factor", 4, "int", "learn", "Maximum number of templates per good channel (temporary ones "
           "included).", low=1, high=64),
-    Param("NT", None, "int", "preprocess", "Batch length in samples; None gives 64*1024 + ntbuff. Lower it if the "
-          "GPU runs out of memory.", low=1024, high=2**24, allow_none=True),
+    Param("NT", None, "int", "preprocess", "Batch length in samples; None gives 64*1024 + ntbuff, except for a "
+          "sorted range of fewer than 4 such batches (e.g. 4 s at 30 kHz, 10 s at 10 kHz), which is cut into 8 "
+          "batches of at least 8192 samples (logged): learning from 1 or 2 batches lost units. Lower it if the GPU "
+          "runs out of memory.", low=1024, high=2**24, allow_none=True),
     Param("AUCsplit", 0.9, "float", "split", "Minimum isolation (area under the curve, max 1) each half of a "
           "cluster needs for the cluster to be split.", low=0, high=1),
     Param("wave_length", 61, "int", "preprocess", "Template length in samples at 30 kHz (odd; 61 = 2 ms); scaled "
@@ -254,6 +256,23 @@ def template_length(wave_length: int, fs: float) -> int:
     return nt0
 
 
+DEFAULT_STRIDE = 64 * 1024  # NT - ntbuff when NT is None
+MIN_BATCHES = 4  # a sorted range of fewer default batches is cut into SHORT_BATCHES batches instead
+SHORT_BATCHES = 8
+MIN_SHORT_STRIDE = 8192
+
+
+def default_batch_length(n_sorted: int, ntbuff: int) -> int:
+    """NT for NT=None: 64*1024 + ntbuff; for a sorted range of fewer than MIN_BATCHES such batches, the batch
+    that cuts it into SHORT_BATCHES (stride a multiple of 64, at least MIN_SHORT_STRIDE samples): learning from one
+    or two batches (it sees the same one twice) found half the units of 4 s at 30 kHz, where 8 batches found as
+    many as a 20 s recording. Longer recordings keep Kilosort's batch, so their results are unchanged."""
+    if math.ceil(n_sorted / DEFAULT_STRIDE) >= MIN_BATCHES:
+        return DEFAULT_STRIDE + ntbuff
+    stride = max(MIN_SHORT_STRIDE, -(-n_sorted // (SHORT_BATCHES * 64)) * 64)
+    return min(DEFAULT_STRIDE, stride) + ntbuff
+
+
 def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
     """Validated user params -> the run parameters under their Kilosort names, with the derived sizes.
 
@@ -263,7 +282,6 @@ def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
     fs = float(sampling_frequency)
     nt0 = template_length(p["wave_length"], fs)
     ntbuff = int(p["ntbuff"])
-    NT = int(p["NT"]) if p["NT"] is not None else 64 * 1024 + ntbuff
     t_start = int(math.ceil(p["trange"][0] * fs))
     stop = p["trange"][1]
     t_stop = n_samples if stop is None or not math.isfinite(stop) else min(n_samples, int(math.ceil(stop * fs)))
@@ -271,6 +289,7 @@ def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
         raise ValueError(f"the sorted range has {max(0, t_stop - t_start)} samples: too short to sort (trange="
                          f"{p['trange']}, recording of {n_samples} samples)")
     n_sorted = t_stop - t_start
+    NT = int(p["NT"]) if p["NT"] is not None else default_batch_length(n_sorted, ntbuff)
     stride = NT - ntbuff
     Th = [float(x) for x in p["projection_threshold"]]
     return Bunch(

@@ -213,6 +213,10 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
     check_recording(recording)
     full = params_module.validate(user_params or {}, recording.get_sampling_frequency())
     run_params = params_module.resolve(full, recording.get_sampling_frequency(), recording.get_num_samples(0))
+    if full["NT"] is None and run_params.NT != params_module.DEFAULT_STRIDE + run_params.ntbuff:
+        logger.info("NT=%d (%d batches): the sorted range is shorter than %d batches of the default NT=%d (pass NT "
+                    "to choose)", run_params.NT, run_params.Nbatch, params_module.MIN_BATCHES,
+                    params_module.DEFAULT_STRIDE + run_params.ntbuff)
     with ThreadPoolExecutor(max_workers=1) as importer:
         imported = importer.submit(import_code, full["device"], run_params, recording.get_num_channels())
         probe = probe_from_recording(recording)
