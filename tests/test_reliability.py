@@ -341,3 +341,21 @@ def test_short_recordings_are_cut_into_enough_batches_and_sort_as_well_as_long_o
         sorting = si_ks2py.run(recording, tmp_path / "out", verbose=False, device="cpu", progress=False, fig=False)
     assert "NT=15104 (8 batches)" in caplog.text
     assert summary(score(gt, sorting))["accuracy_0.8"] >= 5
+
+
+def test_float_recordings_sort_the_same_at_any_scale(tmp_path):
+    """Whitening's regulariser was an absolute 1e-6: volts (x 1e-6) ended in "no isolated spikes" and x 1e-4 lost
+    a unit. Now microvolts, x 1e-4 and x 1e-6 give the same sorting."""
+    import spikeinterface.preprocessing as spre
+
+    import si_ks2py
+
+    recording = small_recording(duration=4.0)
+    params = {"device": "cpu", "progress": False, "fig": False, "verbose": False}
+    reference = si_ks2py.run(recording, tmp_path / "uV", **params)
+    assert reference.get_num_units() >= 6
+    for scale in (1e-4, 1e-6):
+        sorting = si_ks2py.run(spre.scale(recording, gain=scale, dtype="float32"), tmp_path / f"{scale:g}", **params)
+        assert list(sorting.unit_ids) == list(reference.unit_ids), scale
+        for unit in reference.unit_ids:
+            np.testing.assert_array_equal(sorting.get_unit_spike_train(unit), reference.get_unit_spike_train(unit))

@@ -158,10 +158,17 @@ def get_good_channels(ops, reader: RecordingReader, params) -> np.ndarray:
 
 
 def whitening_from_covariance(cc: np.ndarray) -> np.ndarray:
-    """whiteningFromCovariance.m: symmetric ZCA whitener E diag(1/sqrt(d + 1e-6)) E' of a covariance (float64);
-    cc may be a stack [..., n, n] of covariances."""
+    """whiteningFromCovariance.m: symmetric ZCA whitener E diag(1/sqrt(d + eps)) E' of a covariance (float64);
+    cc may be a stack [..., n, n] of covariances.
+
+    Kilosort's eps is 1e-6, an absolute value: for float data of a small scale (volts: eigenvalues about 1e-10)
+    it swamped the covariance and the whitened data vanished in the int16 conversion. eps is 1e-6 times the mean
+    eigenvalue where that is smaller, so the whitening no longer depends on the data's scale there; data whose
+    mean eigenvalue is 1 or more (integer data, microvolts) keeps 1e-6 exactly, and its results."""
     d, e = np.linalg.eigh(cc)
-    return (e / np.sqrt(np.maximum(d, 0) + 1e-6)[..., None, :]) @ np.swapaxes(e, -1, -2)
+    d = np.maximum(d, 0)
+    eps = np.minimum(1e-6, 1e-6 * d.mean(axis=-1, keepdims=True))
+    return (e / np.sqrt(d + eps)[..., None, :]) @ np.swapaxes(e, -1, -2)
 
 
 def whitening_local(cc: np.ndarray, xc: np.ndarray, yc: np.ndarray, n_range: int) -> np.ndarray:
