@@ -359,3 +359,25 @@ def test_float_recordings_sort_the_same_at_any_scale(tmp_path):
         assert list(sorting.unit_ids) == list(reference.unit_ids), scale
         for unit in reference.unit_ids:
             np.testing.assert_array_equal(sorting.get_unit_spike_train(unit), reference.get_unit_spike_train(unit))
+
+
+def test_nt_is_bounded_by_the_recording_and_by_memory(tmp_path, monkeypatch):
+    from si_ks2py import params, pipeline
+
+    p = params.resolve({"NT": 2 ** 24}, 30000.0, 300000)  # 10 s: one batch of its length, not of 2**24 samples
+    assert (p.NT, p.Nbatch) == (300032 + 64, 1)
+    assert params.resolve({"NT": 2 ** 24}, 30000.0, 2 ** 25).NT == 2 ** 24  # a long enough recording keeps NT
+    ctx = pipeline.run(small_recording(duration=2.0), tmp_path / "out", {"device": "cpu", "progress": False,
+                                                                         "NT": 2 ** 24}, verbose=False,
+                       stop_after="preprocess")
+    assert ctx.params.NT == 60032 + 64
+
+    # batches that would not fit in the memory available: refused before any work, naming NT and a value that fits
+    monkeypatch.setattr(pipeline, "available_host_memory", lambda: 2 * 10 ** 9)
+    long = small_recording(duration=600.0)
+    with pytest.raises(ValueError, match=r"NT=16777216 needs about 25\.8 GB .* 2\.0 GB available: lower NT "
+                                         r"\(e\.g\. NT=(\d+),") as caught:
+        pipeline.run(long, tmp_path / "long", {"device": "cpu", "progress": False, "NT": 2 ** 24}, verbose=False)
+    assert not (tmp_path / "long" / "cache" / "manifest.json").exists()
+    fits = int(caught.value.args[0].split("e.g. NT=")[1].split(",")[0])
+    pipeline.check_batch_memory(params.resolve({"NT": fits}, 30000.0, long.get_num_samples()), 16)

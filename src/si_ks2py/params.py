@@ -76,8 +76,9 @@ PARAMS: tuple[Param, ...] = (
           "included).", low=1, high=64),
     Param("NT", None, "int", "preprocess", "Batch length in samples; None gives 64*1024 + ntbuff, except for a "
           "sorted range of fewer than 4 such batches (e.g. 4 s at 30 kHz, 10 s at 10 kHz), which is cut into 8 "
-          "batches of at least 8192 samples (logged): learning from 1 or 2 batches lost units. Lower it if the GPU "
-          "runs out of memory.", low=1024, high=2**24, allow_none=True),
+          "batches of at least 8192 samples (logged): learning from 1 or 2 batches lost units. At most the sorted "
+          "range (rounded up to 64 samples) + ntbuff. Lower it if the GPU runs out of memory.", low=1024,
+          high=2**24, allow_none=True),
     Param("AUCsplit", 0.9, "float", "split", "Minimum isolation (area under the curve, max 1) each half of a "
           "cluster needs for the cluster to be split.", low=0, high=1),
     Param("wave_length", 61, "int", "preprocess", "Template length in samples at 30 kHz (odd; 61 = 2 ms); scaled "
@@ -290,6 +291,9 @@ def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
                          f"{p['trange']}, recording of {n_samples} samples)")
     n_sorted = t_stop - t_start
     NT = int(p["NT"]) if p["NT"] is not None else default_batch_length(n_sorted, ntbuff)
+    # a batch is never longer than the sorted range (rounded up to 64 samples): batches are padded to NT, and
+    # NT=2**24 on 10 s took more than 23 GB of host memory
+    NT = min(NT, max(1024, -(-n_sorted // 64) * 64 + ntbuff))
     stride = NT - ntbuff
     Th = [float(x) for x in p["projection_threshold"]]
     return Bunch(

@@ -201,6 +201,36 @@ def preload_later_stages():
     threading.Thread(target=preload, name="ks2py-preload", daemon=True).start()
 
 
+#: host bytes that batches of NT samples take, per sample and channel (float32): 23 GB were seen for NT=2**24 and
+#: 16 channels (several float32 and float64 copies of a batch, three batches side by side)
+BATCH_HOST_BYTES = 24 * 4
+
+
+def available_host_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable: free memory and the page cache it can reclaim), or
+    None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_batch_memory(params, n_channels: int):
+    """ValueError, before any work, when the batches of NT samples would need more host memory than is available
+    (about BATCH_HOST_BYTES per sample and channel), naming NT and a value that fits."""
+    available, need = available_host_memory(), BATCH_HOST_BYTES * params.NTbuff * n_channels
+    if available is None or need <= available:
+        return
+    fits = max(1024 + params.ntbuff, int(params.NT * available / need) // 1024 * 1024 + params.ntbuff)
+    raise ValueError(f"NT={params.NT} needs about {need / 1e9:.1f} GB of host memory for its batches of {n_channels} "
+                     f"channels, more than the {available / 1e9:.1f} GB available: lower NT (e.g. NT={fits}, or None "
+                     "for the default)")
+
+
 def cache_folder_of(output_folder, params: dict) -> Path:
     """The cache folder of a sort: the ``cache_folder`` param, by default <output>/cache."""
     folder = params.get("cache_folder")
@@ -217,6 +247,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         logger.info("NT=%d (%d batches): the sorted range is shorter than %d batches of the default NT=%d (pass NT "
                     "to choose)", run_params.NT, run_params.Nbatch, params_module.MIN_BATCHES,
                     params_module.DEFAULT_STRIDE + run_params.ntbuff)
+    check_batch_memory(run_params, recording.get_num_channels())
     with ThreadPoolExecutor(max_workers=1) as importer:
         imported = importer.submit(import_code, full["device"], run_params, recording.get_num_channels())
         probe = probe_from_recording(recording)
