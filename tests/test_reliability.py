@@ -142,9 +142,10 @@ def test_a_folder_in_use_is_refused_at_once_and_a_killed_sort_leaves_no_lock(tmp
     assert sorting.get_num_units() > 0
 
 
-def test_changed_samples_or_shanks_are_noticed_and_everything_reruns(tmp_path):
+def test_changed_samples_or_shanks_are_noticed_and_everything_reruns(tmp_path, caplog):
     """Data changed outside every sampled window (of a binary recording: same size, the mtime put back; and of
     an in-memory recording), or other shank ids, rerun every stage; an unchanged recording reruns none."""
+    import logging
     import os
 
     import spikeinterface.core as sc
@@ -158,12 +159,16 @@ def test_changed_samples_or_shanks_are_noticed_and_everything_reruns(tmp_path):
     assert set(first.timings) == {"preprocess", "reorder"}
     again = pipeline.run(sc.load(tmp_path / "rec"), out, params, verbose=False, stop_after="reorder")
     assert again.timings == {}
+    path = recording.get_binary_description()["file_paths"][0]
+    os.utime(path)  # touched, not changed: every sample compared (the digest of the read, not of preprocessing's)
+    with caplog.at_level(logging.INFO, logger="si_ks2py"):
+        touched = pipeline.run(sc.load(tmp_path / "rec"), out, params, verbose=False, stop_after="reorder")
+    assert touched.timings == {} and "recording unchanged since the cached sort" in caplog.text
 
     # one sample changed away from every sampled window; the file keeps its size and modification time
     n = recording.get_num_samples()
     sampled = np.linspace(0, n - 256, 32).astype(int)  # the windows of the fingerprint (8 in earlier versions)
     t = int(sampled[3] + 256 + (sampled[4] - sampled[3] - 256) // 2)
-    path = recording.get_binary_description()["file_paths"][0]
     info = os.stat(path)
     traces = np.memmap(path, dtype=recording.get_dtype(), mode="r+", shape=(n, recording.get_num_channels()))
     traces[t, 5] += 1

@@ -97,7 +97,7 @@ def recording_identity(recording):
             return value.tolist()
         if isinstance(value, (str, Path)) and str(value) and os.path.exists(value):
             path = Path(value)
-            for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            for file in path.rglob("*") if path.is_dir() else [path]:  # stat raises past MAX_IDENTITY_FILES
                 if file.is_file():
                     stat(file)
             return str(path.absolute())
@@ -111,7 +111,7 @@ def recording_identity(recording):
         arguments = walk(recording)
     except (_NotInFiles, OSError):
         return None
-    return fingerprint(arguments, files) if files else None
+    return fingerprint(arguments, sorted(files)) if files else None
 
 
 def check_recording_content(ctx):
