@@ -121,7 +121,7 @@ def test_a_folder_in_use_is_refused_at_once_and_a_killed_sort_leaves_no_lock(tmp
     import si_ks2py
     from si_ks2py.context import FolderInUseError
 
-    out, cache = tmp_path / "out", tmp_path / "cache"
+    out, cache = tmp_path / "out" / "sorter_output", tmp_path / "cache"
     other = subprocess.Popen([sys.executable, "-c", SORT_THAT_WAITS, str(out), str(cache)], stdout=subprocess.PIPE,
                              text=True)
     try:
@@ -135,6 +135,12 @@ def test_a_folder_in_use_is_refused_at_once_and_a_killed_sort_leaves_no_lock(tmp
                 si_ks2py.run(recording, folder, verbose=False, cache_folder=cache_folder, **params)
             assert time.perf_counter() - t < 5
         assert not (tmp_path / "out2" / "spike_times.npy").exists()
+        # run_sorter would delete the folder before sorting (remove_existing_folder): refused before that
+        from spikeinterface.sorters import run_sorter
+
+        with pytest.raises(FolderInUseError, match=f"process {other.pid}"):
+            run_sorter("ks2py", recording, folder=tmp_path / "out", remove_existing_folder=True, **params)
+        assert (out / "ks2py.log").exists()  # the running sort's folder is still there
     finally:
         other.kill()  # SIGKILL: the system drops its locks
         other.wait()

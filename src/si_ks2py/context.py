@@ -105,6 +105,20 @@ class FolderInUseError(RuntimeError):
     """Another sort holds the lock of an output or cache folder."""
 
 
+def raise_if_in_use(folder, what: str = "folder"):
+    """FolderInUseError when another process holds ``folder``'s lock (folder_lock); creates nothing."""
+    path = Path(folder).absolute() / LOCK_FILE
+    if fcntl is None or not path.exists():
+        return
+    with open(path) as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)  # dropped when the file closes
+        except OSError:
+            owner = f.read().strip() or "unknown"
+            raise FolderInUseError(f"the {what} {path.parent} is in use by another ks2py sort (process {owner}): "
+                                   "wait for it to end, or sort into another folder") from None
+
+
 @contextlib.contextmanager
 def folder_lock(folder, what: str = "folder"):
     """Hold an exclusive lock on ``folder`` (created if need be) for the block: ``flock`` on its ``.ks2py.lock``,
