@@ -139,7 +139,8 @@ def test_a_folder_in_use_is_refused_at_once_and_a_killed_sort_leaves_no_lock(tmp
         from spikeinterface.sorters import run_sorter
 
         with pytest.raises(FolderInUseError, match=f"process {other.pid}"):
-            run_sorter("ks2py", recording, folder=tmp_path / "out", remove_existing_folder=True, **params)
+            run_sorter("ks2py", recording.save(folder=tmp_path / "saved", verbose=False), folder=tmp_path / "out",
+                       remove_existing_folder=True, **params)
         assert (out / "ks2py.log").exists()  # the running sort's folder is still there
     finally:
         other.kill()  # SIGKILL: the system drops its locks
