@@ -393,3 +393,18 @@ def test_nt_is_bounded_by_the_recording_and_by_memory(tmp_path, monkeypatch):
     assert not (tmp_path / "long" / "cache" / "manifest.json").exists()
     fits = int(caught.value.args[0].split("e.g. NT=")[1].split(",")[0])
     pipeline.check_batch_memory(params.resolve({"NT": fits}, 30000.0, long.get_num_samples()), 16)
+
+
+def test_a_figure_job_file_half_written_on_a_full_disk_is_removed(tmp_path, monkeypatch):
+    from si_ks2py import plots
+
+    def full_disk(path, **arrays):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots.np, "savez", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        with plots.FigureProcess(tmp_path) as figures:
+            figures.draw("batch_similarity", ccb=np.eye(4), iorig=np.arange(4))
+    assert list((tmp_path / "qc").glob(".*.npz")) == []
