@@ -84,9 +84,10 @@ def test_dead_channels_are_dropped_and_units_still_found(tmp_path):
 
 def test_recording_shorter_than_one_batch(tmp_path):
     recording, gt = generate_demo_recording(duration=1.5, num_units=4, seed=14)
-    ctx = run(recording, tmp_path / "out", CPU, verbose=False)
+    one_batch = {**CPU, "NT": 64 * 1024 + 64}  # NT=None would cut it into 6 batches (params.default_batch_length)
+    ctx = run(recording, tmp_path / "out", one_batch, verbose=False)
     assert ctx.params.Nbatch == 1
-    sorting = si_ks2py.run(recording, tmp_path / "out", verbose=False, **CPU)
+    sorting = si_ks2py.run(recording, tmp_path / "out", verbose=False, **one_batch)
     result = summary(score(gt, sorting))
     assert result["accuracy_0.8"] >= 2, result  # 1.5 s is little data, but the large units are there
 

@@ -54,6 +54,7 @@ def run(recording=None, output_folder=None, verbose: bool = True, *, dat_path=No
     Returns the sorting as a SpikeInterface NumpySorting (unit properties KSLabel, ContamPct, Amplitude) either way;
     ``pipeline.run`` and ``binary.run_binary`` return the run's Context instead.
     """
+    from .context import folder_lock
     from .export.sorting import read_sorting
     from .pipeline import run as run_pipeline
 
@@ -73,7 +74,9 @@ def run(recording=None, output_folder=None, verbose: bool = True, *, dat_path=No
                             "carries its own probe (recording.set_probe(...))")
         if output_folder is None:
             raise TypeError("run(recording, output_folder, **params) needs the output folder")
-        ctx = run_pipeline(recording, output_folder, params, verbose=verbose)
+        with folder_lock(output_folder, "output folder"):  # no other sort replaces the files before they are read
+            ctx = run_pipeline(recording, output_folder, params, verbose=verbose)
+            return read_sorting(ctx.output_folder, keep_good_only=ctx.user_params["keep_good_only"])
     return read_sorting(ctx.output_folder, keep_good_only=ctx.user_params["keep_good_only"])
 
 

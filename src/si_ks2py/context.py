@@ -24,6 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system
+    fcntl = None
+
 logger = logging.getLogger("si_ks2py")
 
 
@@ -91,6 +96,87 @@ def _atomic_write(path: Path, write):
         write(f)
 
 
+LOCK_FILE = ".ks2py.lock"
+_held_locks: dict[Path, list] = {}  # folder -> [open lock file, owning thread id, depth]
+_held_locks_guard = threading.Lock()
+
+
+class FolderInUseError(RuntimeError):
+    """Another sort holds the lock of an output or cache folder."""
+
+
+def raise_if_in_use(folder, what: str = "folder"):
+    """FolderInUseError when another process holds ``folder``'s lock (folder_lock); creates nothing."""
+    path = Path(folder).absolute() / LOCK_FILE
+    if fcntl is None or not path.exists():
+        return
+    with open(path) as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)  # dropped when the file closes
+        except OSError:
+            owner = f.read().strip() or "unknown"
+            raise FolderInUseError(f"the {what} {path.parent} is in use by another ks2py sort (process {owner}): "
+                                   "wait for it to end, or sort into another folder") from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what: str = "folder"):
+    """Hold an exclusive lock on ``folder`` (created if need be) for the block: ``flock`` on its ``.ks2py.lock``,
+    which the system drops when the process ends, however it ends (a killed sort leaves no lock held). Another
+    process, or another thread of this one, holding it gives FolderInUseError at once; the thread holding it may
+    take it again (nested). The lock file holds the owner's pid, for the message."""
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    me = threading.get_ident()
+    with _held_locks_guard:
+        held = _held_locks.get(folder)
+        if held is not None and held[1] == me:
+            held[2] += 1
+        elif held is not None:
+            raise FolderInUseError(f"the {what} {folder} is in use by another sort in this process: wait for it to "
+                                   "end, or sort into another folder")
+        else:
+            f = open(folder / LOCK_FILE, "a+")
+            try:
+                if fcntl is not None:  # not a POSIX system: no lock
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                owner = f.read().strip() or "unknown"
+                f.close()
+                raise FolderInUseError(
+                    f"the {what} {folder} is in use by another ks2py sort (process {owner}): wait for it to end, "
+                    "or sort into another folder (two sorts in one folder overwrite each other's files)") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            _held_locks[folder] = held = [f, me, 1]
+    try:
+        yield
+    finally:
+        with _held_locks_guard:
+            held[2] -= 1
+            if held[2] == 0:
+                del _held_locks[folder]
+                held[0].close()  # closing the file drops the flock
+
+
+CHECKSUM_BYTES = 100e6  # cache files up to this size are recorded with a digest of their bytes, larger ones by size
+
+
+def file_record(path: Path, with_digest: bool = True) -> dict:
+    """{"bytes": size} of a cache file, and "digest" (io.chunk_digest of its bytes) when it is at most
+    CHECKSUM_BYTES (and with_digest)."""
+    size = path.stat().st_size
+    record = {"bytes": size}
+    if with_digest and size <= CHECKSUM_BYTES:
+        from .io import chunk_digest
+
+        record["digest"] = chunk_digest(np.fromfile(path, dtype=np.uint8)).hex()
+    return record
+
+
 class Intermediate:
     """Attribute access to the cached arrays of one run.
 
@@ -99,7 +185,7 @@ class Intermediate:
     """
 
     _own = ("folder", "stage_fingerprints", "current_stage", "_memory", "_manifest", "_lock", "_background",
-            "_writer", "_write_failed")
+            "_writer", "_write_failed", "_checked")
 
     def __init__(self, folder, stage_fingerprints: dict[str, str]):
         object.__setattr__(self, "folder", Path(folder))
@@ -110,8 +196,9 @@ class Intermediate:
         object.__setattr__(self, "_background", [])  # futures of the writes not waited for yet
         object.__setattr__(self, "_writer", None)  # the thread that writes arrays and the manifest, in order
         object.__setattr__(self, "_write_failed", False)
+        object.__setattr__(self, "_checked", {})  # name -> whether its file matched its record (checked once)
         self.folder.mkdir(parents=True, exist_ok=True)
-        manifest = {"arrays": {}, "files": {}, "stages": {}}
+        manifest = {"arrays": {}, "files": {}, "stages": {}, "recording": {}}
         path = self.folder / "manifest.json"
         if path.exists():
             try:
@@ -140,9 +227,27 @@ class Intermediate:
             raise RuntimeError(f"intermediate '{name}' written outside a stage")
         return stage
 
-    def _record(self, kind: str, name: str, stage: str | None = None):
+    def _record(self, kind: str, name: str, stage: str | None = None, path: Path | None = None):
+        """Record a file written for ``stage``, with its size and (up to CHECKSUM_BYTES) a digest of its bytes."""
         stage = self._writing_stage(name, stage)
-        self._update_manifest(kind, name, {"stage": stage, "fingerprint": self.stage_fingerprints[stage]})
+        entry = {"stage": stage, "fingerprint": self.stage_fingerprints[stage]}
+        if path is not None:
+            entry.update(file_record(path))
+        self._checked.pop(name, None)
+        self._update_manifest(kind, name, entry)
+
+    def _intact(self, kind: str, name: str, path: Path) -> bool:
+        """Whether the file of a valid entry is the one recorded (size, digest); checked once per run, and a
+        damaged one (truncated, overwritten) is logged by name: its stage reruns."""
+        if name not in self._checked:
+            entry = self._manifest[kind][name]
+            actual = file_record(path, with_digest="digest" in entry)
+            problem = next((f"{key} {actual.get(key)} where {entry[key]} was recorded" for key in ("bytes", "digest")
+                            if key in entry and actual.get(key) != entry[key]), None)
+            if problem is not None:
+                logger.warning("cache file %s is damaged (%s): the '%s' stage reruns", path, problem, entry["stage"])
+            self._checked[name] = problem is None
+        return self._checked[name]
 
     def _in_order(self, job):
         """Queue ``job()`` (a write of the cache) for the writer thread, after the writes queued before it; once
@@ -161,6 +266,31 @@ class Intermediate:
 
         self._background.append(self._writer.submit(guarded))
 
+    def record_recording(self, identity, digest: str):
+        """Record (in order with the stage's arrays) what preprocessing saw of the recording: its cheap identity
+        (pipeline.recording_identity) and the digest of every sample (io.content_digest), for the preprocessing
+        fingerprint of this run."""
+        entry = {"preprocess": self.stage_fingerprints["preprocess"], "identity": identity, "digest": digest}
+        self._in_order(lambda: self._update_manifest("recording", "content", entry))
+
+    def recorded_recording(self) -> dict | None:
+        """What record_recording recorded for this run's preprocessing fingerprint, or None."""
+        entry = self._manifest["recording"].get("content")
+        if entry is None or entry.get("preprocess") != self.stage_fingerprints.get("preprocess"):
+            return None
+        return entry
+
+    def update_recorded_identity(self, identity):
+        """The recording's content was found unchanged under another cheap identity: record that one."""
+        self._update_manifest("recording", "content", {**self._manifest["recording"]["content"], "identity": identity})
+
+    def forget_everything(self):
+        """Drop every record of the manifest (the files stay, never read again): every stage reruns."""
+        with self._lock:
+            for kind in ("arrays", "files", "stages", "recording"):
+                self._manifest[kind] = {}
+        self._update_manifest("stages", "-", None)  # saved
+
     def stage_is_done(self, stage: str) -> bool:
         return self._manifest["stages"].get(stage) == self.stage_fingerprints[stage]
 
@@ -172,7 +302,8 @@ class Intermediate:
         if name in self._memory:
             return True
         entry = self._manifest["arrays"].get(name)
-        return self._entry_is_valid(entry) and (self.folder / f"{name}.npy").exists()
+        path = self.folder / f"{name}.npy"
+        return self._entry_is_valid(entry) and path.exists() and self._intact("arrays", name, path)
 
     # --- arrays ------------------------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -184,7 +315,11 @@ class Intermediate:
             raise AttributeError(f"no valid intermediate '{name}' in {self.folder}")
         path = self.folder / f"{name}.npy"
         # large arrays (spike features) are memory-mapped read-only so reading them costs no RAM up front
-        value = np.load(path, mmap_mode="r" if path.stat().st_size > 100e6 else None, allow_pickle=False)
+        try:
+            value = np.load(path, mmap_mode="r" if path.stat().st_size > 100e6 else None, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise RuntimeError(f"cache file {path} could not be read ({type(err).__name__}: {err}); delete it and "
+                               "sort again: the stage that wrote it reruns") from err
         self._memory[name] = value
         return value
 
@@ -201,7 +336,7 @@ class Intermediate:
 
         def write():
             _atomic_write(self.folder / f"{name}.npy", lambda f: np.save(f, array, allow_pickle=False))
-            self._record("arrays", name, stage)
+            self._record("arrays", name, stage, self.folder / f"{name}.npy")
 
         self._in_order(write)
 
@@ -223,7 +358,7 @@ class Intermediate:
 
         def finish():
             _sync_into_place(tmp, path)
-            self._record("arrays", name, stage)
+            self._record("arrays", name, stage, path)
 
         self._in_order(finish)
 
@@ -235,7 +370,8 @@ class Intermediate:
     def file_path(self, name: str) -> Path:
         """Path of a valid cached file, or FileNotFoundError."""
         path = self.folder / name
-        if not (self._entry_is_valid(self._manifest["files"].get(name)) and path.exists()):
+        if not (self._entry_is_valid(self._manifest["files"].get(name)) and path.exists()
+                and self._intact("files", name, path)):
             raise FileNotFoundError(f"no valid cached file '{name}' in {self.folder}")
         return path
 
@@ -255,12 +391,12 @@ class Intermediate:
         self._update_manifest("files", name, None)
         try:
             yield tmp
-            os.replace(tmp, final)
+            _sync_into_place(str(tmp), final)  # the data is on disk before the manifest names the file
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        self._record("files", name, stage)
+        self._record("files", name, stage, final)
         logger.info("%s written", name)
 
     def write_file_in_background(self, name: str, write):
@@ -297,5 +433,6 @@ class Context(Bunch):
     the chosen device), ``output_folder``, ``user_params`` (as given), ``timings`` (seconds per stage) and
     ``whitened`` (the whitened data in host memory when this run's preprocessing kept it there, else None),
     ``whitened_pinning`` (the future of its page-locking, see io.pin_when_populated, or None), ``figures``
-    (the process drawing the QC figures, plots.FigureProcess, or None) and ``kernels_loading`` (the thread loading
-    preprocessing's kernels on the GPU, see preprocess.load_kernels, or None)."""
+    (the process drawing the QC figures, plots.FigureProcess, or None), ``kernels_loading`` (the thread loading
+    preprocessing's kernels on the GPU, see preprocess.load_kernels, or None) and ``recording_identity`` (the
+    recording's cheap identity, pipeline.recording_identity, or None)."""

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import ctypes
 import functools
+import hashlib
 import itertools
 import mmap
 import os
@@ -54,6 +55,46 @@ def whole_rows(recording, channel_indices=None):
     if source is recording or binary_source(source) is None:
         return recording, asked
     return source, indices
+
+
+DIGEST_BLOCK = 4096  # 64-bit words summed per block by chunk_digest
+
+
+@functools.lru_cache(maxsize=1)
+def digest_keys() -> np.ndarray:
+    """DIGEST_BLOCK odd 64-bit keys (splitmix64 of 1, 2, ...: fixed, whatever NumPy's generators do)."""
+    z = np.arange(1, DIGEST_BLOCK + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) | np.uint64(1)
+
+
+def chunk_digest(rows: np.ndarray) -> bytes:
+    """A 16-byte digest of every byte of ``rows`` (raw traces [n, C], any dtype): the bytes as 64-bit words, each
+    block of DIGEST_BLOCK words summed times fixed odd keys (mod 2**64; one word changed always changes its
+    block's sum), then blake2b of the block sums, the tail and the shape. About 11 GB/s on one core (blake2b of
+    the bytes: 0.8 GB/s), with the GIL released: cheap beside the reads it follows."""
+    data = np.ascontiguousarray(rows)
+    flat = data.reshape(-1).view(np.uint8)
+    n_blocks = len(flat) // (8 * DIGEST_BLOCK)
+    words = flat[:n_blocks * 8 * DIGEST_BLOCK].view(np.uint64).reshape(n_blocks, DIGEST_BLOCK)
+    h = hashlib.blake2b(np.einsum("ij,j->i", words, digest_keys()).tobytes(), digest_size=16)
+    h.update(flat[n_blocks * 8 * DIGEST_BLOCK:].tobytes())
+    h.update(f"{data.dtype.str}{data.shape}".encode())
+    return h.digest()
+
+
+def combined_digest(digests) -> str:
+    """The recording's content digest (hex) from the chunk digests of its main preprocessing pass, in order."""
+    return hashlib.blake2b(b"".join(digests), digest_size=16).hexdigest()
+
+
+def content_digest(recording, t_start: int, t_stop: int, stride: int, workers: int = 4) -> str:
+    """What preprocessing's main pass computes (combined_digest of the chunks [stride*k, stride*(k+1)) of the
+    sorted range, every channel, raw values) in one read of the range, ``workers`` chunks read side by side."""
+    reader = RecordingReader(recording, t_start, t_stop, np.arange(recording.get_num_channels()))
+    ranges = [(a, min(a + stride, reader.n_samples)) for a in range(0, reader.n_samples, stride)]
+    return combined_digest(digest for _, digest in prefetch(lambda r: chunk_digest(reader.read(*r)), ranges, workers))
 
 
 def read_rows(path, out: np.ndarray, offset: int, first_row: int):

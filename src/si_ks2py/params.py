@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,8 +77,11 @@ PARAMS: tuple[Param, ...] = (
           "each side of a batch.", low=1, high=100000),
     Param("nfilt_factor", 4, "int", "learn", "Maximum number of templates per good channel (temporary ones "
           "included).", low=1, high=64),
-    Param("NT", None, "int", "preprocess", "Batch length in samples; None gives 64*1024 + ntbuff, another value is "
-          "rounded down to a multiple of 32, as kilosort2 does. Lower it if the GPU runs out of memory.", low=1024, high=2**24, allow_none=True),
+    Param("NT", None, "int", "preprocess", "Batch length in samples; None gives 64*1024 + ntbuff, except for a "
+          "sorted range of fewer than 4 such batches (e.g. 4 s at 30 kHz, 10 s at 10 kHz), which is cut into 8 "
+          "batches of at least 8192 samples (logged): learning from 1 or 2 batches lost units. Another value is "
+          "rounded down to a multiple of 32, as kilosort2 does, and is at most the sorted range (rounded up to 64 "
+          "samples) + ntbuff. Lower it if the GPU runs out of memory.", low=1024, high=2**24, allow_none=True),
     Param("AUCsplit", 0.9, "float", "split", "Minimum isolation (area under the curve, max 1) each half of a "
           "cluster needs for the cluster to be split.", low=0, high=1),
     # --- options of SpikeInterface's kilosort2_5 wrapper (drift correction, Kilosort 2.5's datashift2) ---
@@ -259,6 +263,22 @@ def validate(params: dict, sampling_frequency: float | None = None) -> dict:
     nt0min = full["nt0min"]
     if nt0min is not None and nt0min >= full["wave_length"]:
         raise ValueError(f"ks2py param 'nt0min' = {nt0min} must be smaller than wave_length = {full['wave_length']}")
+    if nt0min is not None and sampling_frequency is not None:
+        nt0 = template_length(full["wave_length"], sampling_frequency)
+        if nt0min >= nt0:
+            raise ValueError(f"ks2py param 'nt0min' = {nt0min} must be smaller than the template length: at "
+                             f"{sampling_frequency:g} Hz wave_length={full['wave_length']} (samples at 30 kHz) gives "
+                             f"templates of {nt0} samples; give nt0min < {nt0} (or None for ceil(20*nt0/61) = "
+                             f"{math.ceil(20 * nt0 / 61)})")
+    learning, final = full["projection_threshold"]
+    if learning < final:
+        raise ValueError(f"ks2py param 'projection_threshold' = {list(full['projection_threshold'])}: the first "
+                         "(learning) threshold must be >= the second (final extraction), e.g. [10, 4]; reversed, "
+                         "the cutoff would label every unit mua")
+    cache_folder = full["cache_folder"]
+    if cache_folder is not None and not os.fspath(cache_folder).strip():
+        raise ValueError("ks2py param 'cache_folder' is empty: it would put the cache in the current directory; "
+                         "give a folder path, or None for <output>/cache")
     if full["skip_kilosort_preprocessing"] and full["scaleproc"] is None:
         raise ValueError("ks2py param 'scaleproc' must be given when skip_kilosort_preprocessing=True (the scale of "
                          "the already-whitened recording, e.g. 200 for data whitened to unit variance x 200)")
@@ -307,6 +327,23 @@ def template_length(wave_length: int, fs: float) -> int:
     return nt0
 
 
+DEFAULT_STRIDE = 64 * 1024  # NT - ntbuff when NT is None
+MIN_BATCHES = 4  # a sorted range of fewer default batches is cut into SHORT_BATCHES batches instead
+SHORT_BATCHES = 8
+MIN_SHORT_STRIDE = 8192
+
+
+def default_batch_length(n_sorted: int, ntbuff: int) -> int:
+    """NT for NT=None: 64*1024 + ntbuff; for a sorted range of fewer than MIN_BATCHES such batches, the batch
+    that cuts it into SHORT_BATCHES (stride a multiple of 64, at least MIN_SHORT_STRIDE samples): learning from one
+    or two batches (it sees the same one twice) found half the units of 4 s at 30 kHz, where 8 batches found as
+    many as a 20 s recording. Longer recordings keep Kilosort's batch, so their results are unchanged."""
+    if math.ceil(n_sorted / DEFAULT_STRIDE) >= MIN_BATCHES:
+        return DEFAULT_STRIDE + ntbuff
+    stride = max(MIN_SHORT_STRIDE, -(-n_sorted // (SHORT_BATCHES * 64)) * 64)
+    return min(DEFAULT_STRIDE, stride) + ntbuff
+
+
 def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
     """Validated user params -> the run parameters under their Kilosort names, with the derived sizes.
 
@@ -316,7 +353,6 @@ def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
     fs = float(sampling_frequency)
     nt0 = template_length(p["wave_length"], fs)
     ntbuff = int(p["ntbuff"])
-    NT = int(p["NT"]) if p["NT"] is not None else 64 * 1024 + ntbuff
     t_start = int(math.ceil(p["trange"][0] * fs))
     stop = p["trange"][1]
     t_stop = n_samples if stop is None or not math.isfinite(stop) else min(n_samples, int(math.ceil(stop * fs)))
@@ -324,6 +360,10 @@ def resolve(params: dict, sampling_frequency: float, n_samples: int) -> Bunch:
         raise ValueError(f"the sorted range has {max(0, t_stop - t_start)} samples: too short to sort (trange="
                          f"{p['trange']}, recording of {n_samples} samples)")
     n_sorted = t_stop - t_start
+    NT = int(p["NT"]) if p["NT"] is not None else default_batch_length(n_sorted, ntbuff)
+    # a batch is never longer than the sorted range (rounded up to 64 samples): batches are padded to NT, and
+    # NT=2**24 on 10 s took more than 23 GB of host memory
+    NT = min(NT, max(1024, -(-n_sorted // 64) * 64 + ntbuff))
     stride = NT - ntbuff
     Th = [float(x) for x in p["projection_threshold"]]
     return Bunch(

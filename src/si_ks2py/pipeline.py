@@ -11,6 +11,9 @@ import contextlib
 import hashlib
 import importlib
 import logging
+import os
+import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,11 +25,12 @@ from . import __version__
 from . import params as params_module
 from .backend import get_ops
 from .checks import check_recording_values
-from .context import Context, Intermediate, fingerprint
+from .context import Context, Intermediate, fingerprint, folder_lock
 from .export import queue_batch_figure, run_export
-from .io import release_whitened, unpin_whitened
+from .export.phy import STAGING
+from .io import content_digest, release_whitened, unpin_whitened
 from .logs import run_log
-from .plots import FigureProcess
+from .plots import FIGURES, FigureProcess
 from .probe import probe_from_recording
 
 logger = logging.getLogger("si_ks2py")
@@ -36,8 +40,14 @@ STAGES = tuple(s for s in params_module.STAGES if s != "export")
 STAGE_VERSIONS = {"preprocess": 3, "drift": 1, "reorder": 6, "learn": 5, "extract": 3, "merge": 1, "split": 4, "cutoff": 1}
 
 
-def recording_fingerprint(recording) -> str:
-    """Shape, rate, channels, locations and the bytes of 8 short windows spread over the recording."""
+#: short windows of the recording whose bytes are in its fingerprint (the cheap part of the check of its content)
+FINGERPRINT_WINDOWS = 32
+
+
+def recording_fingerprint(recording, probe=None) -> str:
+    """Shape, rate, dtype, channels, locations, the probe's channel map and shanks (kcoords), and the bytes of
+    FINGERPRINT_WINDOWS short windows spread over the recording. The stage fingerprints chain from it; the rest of
+    the samples are checked by check_recording_content."""
     n = recording.get_num_samples(segment_index=0)
     parts = [
         recording.get_sampling_frequency(),
@@ -46,7 +56,9 @@ def recording_fingerprint(recording) -> str:
         [str(c) for c in recording.get_channel_ids()],
         np.round(recording.get_channel_locations(), 6).tolist(),
     ]
-    for start in np.linspace(0, max(n - 256, 0), 8).astype(int):
+    if probe is not None:
+        parts.append([np.asarray(probe[k]).tolist() for k in ("chanMap", "xc", "yc", "kcoords")])
+    for start in np.linspace(0, max(n - 256, 0), FINGERPRINT_WINDOWS).astype(int):
         traces = recording.get_traces(segment_index=0, start_frame=int(start), end_frame=int(min(n, start + 256)))
         parts.append(hashlib.sha256(np.ascontiguousarray(traces).tobytes()).hexdigest())
     return fingerprint(parts)
@@ -65,6 +77,84 @@ def param_identity(name: str, value):
 
         return motion_identity(value)
     return value
+
+
+class _NotInFiles(Exception):
+    pass
+
+
+MAX_IDENTITY_FILES = 256  # files of a recording's folders whose sizes and times are checked, at most
+
+
+def recording_identity(recording):
+    """The cheap identity of a recording's content: the arguments it was made from (its kwargs, and those of the
+    recordings it derives from), with each path that exists replaced by the path, size and modification time of
+    the file (of each file under a folder, MAX_IDENTITY_FILES at most). None when some data is not in a file (an
+    array of more than 1000 values among the kwargs, e.g. a NumpyRecording's traces), or when no file was found:
+    then nothing cheap says the content is unchanged, and a rerun reads every sample again."""
+    files = []
+
+    def stat(path: Path):
+        info = path.stat()
+        files.append([str(path.absolute()), info.st_size, info.st_mtime_ns])
+        if len(files) > MAX_IDENTITY_FILES:
+            raise _NotInFiles
+
+    def walk(value):
+        if hasattr(value, "_kwargs") and hasattr(value, "get_traces"):
+            return [type(value).__name__, walk(value._kwargs)]
+        if isinstance(value, dict):
+            return {str(k): walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        if isinstance(value, np.ndarray):
+            if value.size > 1000:
+                raise _NotInFiles
+            return value.tolist()
+        if isinstance(value, (str, Path)) and str(value) and os.path.exists(value):
+            path = Path(value)
+            for file in path.rglob("*") if path.is_dir() else [path]:  # stat raises past MAX_IDENTITY_FILES
+                if file.is_file():
+                    stat(file)
+            return str(path.absolute())
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (np.integer, np.floating, np.bool_)):
+            return value.item()
+        raise _NotInFiles  # an object whose content we cannot vouch for
+
+    try:
+        arguments = walk(recording)
+    except (_NotInFiles, OSError):
+        return None
+    return fingerprint(arguments, sorted(files)) if files else None
+
+
+def check_recording_content(ctx):
+    """Before any stage is skipped: is the recording the one the cache was computed from? Its fingerprint (shape,
+    channels, probe, sampled windows) is in every stage's; the rest is checked here. When the cheap identity
+    (recording_identity) equals the one recorded by the cached preprocessing, yes; otherwise every sample is
+    read again (io.content_digest, one pass) and compared with the digest preprocessing computed from the samples
+    it read. A difference, or no record (a cache of an earlier version), drops the whole cache: every stage
+    reruns."""
+    ir, p = ctx.intermediate, ctx.params
+    if not ir.stage_is_done("preprocess"):
+        return  # nothing would be skipped
+    entry, identity = ir.recorded_recording(), ctx.get("recording_identity")
+    if entry is not None and identity is not None and entry["identity"] == identity:
+        return
+    if entry is not None:
+        t = time.perf_counter()
+        digest = content_digest(ctx.raw_data, p.t_start, p.t_stop, p.NT - p.ntbuff)
+        if digest == entry["digest"]:
+            logger.info("recording unchanged since the cached sort (every sample read and compared in %.2f s)",
+                        time.perf_counter() - t)
+            if identity is not None:
+                ir.update_recorded_identity(identity)
+            return
+    logger.warning("the recording's samples differ from those of the cached sort in %s (or were not recorded): "
+                   "every stage reruns", ir.folder)
+    ir.forget_everything()
 
 
 def stage_fingerprints(recording_fp: str, full_params: dict) -> dict[str, str]:
@@ -127,20 +217,62 @@ def preload_later_stages():
     threading.Thread(target=preload, name="ks2py-preload", daemon=True).start()
 
 
+#: host bytes that batches of NT samples take, per sample and channel (float32): 23 GB were seen for NT=2**24 and
+#: 16 channels (several float32 and float64 copies of a batch, three batches side by side)
+BATCH_HOST_BYTES = 24 * 4
+
+
+def available_host_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable: free memory and the page cache it can reclaim), or
+    None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_batch_memory(params, n_channels: int):
+    """ValueError, before any work, when the batches of NT samples would need more host memory than is available
+    (about BATCH_HOST_BYTES per sample and channel), naming NT and a value that fits."""
+    available, need = available_host_memory(), BATCH_HOST_BYTES * params.NTbuff * n_channels
+    if available is None or need <= available:
+        return
+    fits = max(1024 + params.ntbuff, int(params.NT * available / need) // 1024 * 1024 + params.ntbuff)
+    raise ValueError(f"NT={params.NT} needs about {need / 1e9:.1f} GB of host memory for its batches of {n_channels} "
+                     f"channels, more than the {available / 1e9:.1f} GB available: lower NT (e.g. NT={fits}, or None "
+                     "for the default)")
+
+
+def cache_folder_of(output_folder, params: dict) -> Path:
+    """The cache folder of a sort: the ``cache_folder`` param, by default <output>/cache."""
+    folder = params.get("cache_folder")
+    return Path(output_folder) / "cache" if folder is None else Path(folder)
+
+
 def build_context(recording, output_folder, user_params: dict | None = None, verbose: bool = True) -> Context:
     """Validate everything, resolve params and probe, open the cache: all before any heavy work. A thread imports
     the code of the sort meanwhile (its imports run mostly while this thread reads and checks the recording)."""
     check_recording(recording)
     full = params_module.validate(user_params or {}, recording.get_sampling_frequency())
     run_params = params_module.resolve(full, recording.get_sampling_frequency(), recording.get_num_samples(0))
+    if full["NT"] is None and run_params.NT != params_module.DEFAULT_STRIDE + run_params.ntbuff:
+        logger.info("NT=%d (%d batches): the sorted range is shorter than %d batches of the default NT=%d (pass NT "
+                    "to choose)", run_params.NT, run_params.Nbatch, params_module.MIN_BATCHES,
+                    params_module.DEFAULT_STRIDE + run_params.ntbuff)
+    check_batch_memory(run_params, recording.get_num_channels())
     with ThreadPoolExecutor(max_workers=1) as importer:
         imported = importer.submit(import_code, full["device"], run_params, recording.get_num_channels())
         probe = probe_from_recording(recording)
         check_recording_values(recording, run_params.t_start, run_params.t_stop)
         output_folder = Path(output_folder)
         output_folder.mkdir(parents=True, exist_ok=True)
-        cache_folder = Path(full["cache_folder"]) if full["cache_folder"] is not None else output_folder / "cache"
-        fps = stage_fingerprints(recording_fingerprint(recording), full)
+        cache_folder = cache_folder_of(output_folder, full)
+        fps = stage_fingerprints(recording_fingerprint(recording, probe), full)
+        identity = recording_identity(recording)
         ops, kernels_loading = imported.result()
     return Context(
         raw_data=recording,
@@ -156,6 +288,7 @@ def build_context(recording, output_folder, user_params: dict | None = None, ver
         whitened_pinning=None,
         figures=None,
         kernels_loading=kernels_loading,
+        recording_identity=identity,
     )
 
 
@@ -203,6 +336,7 @@ def run_stages(ctx: Context, stop_after: str | None = None) -> Context:
     stages = active_stages(ctx.user_params)
     if stop_after is not None:
         stages = stages[:stages.index(stop_after) + 1]
+    check_recording_content(ctx)
     to_run = stages_to_run(ctx, stages)
     # the drift stage corrects the in-memory whitened copy in place and writes the file from it: preprocessing
     # then leaves the file to it
@@ -246,7 +380,38 @@ def run(recording, output_folder, params: dict | None = None, verbose: bool = Tr
     """Sort ``recording`` into ``output_folder``; returns the Context (its timings say what ran)."""
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
+    params_module.validate(params or {}, recording.get_sampling_frequency())  # refused before a folder is locked
+    with contextlib.ExitStack() as locks:  # held until the sort ends; a second sort of a folder fails at once
+        locks.enter_context(folder_lock(output_folder, "output folder"))
+        locks.enter_context(folder_lock(cache_folder_of(output_folder, params or {}), "cache folder"))
+        return run_locked(recording, output_folder, params, verbose, stop_after)
+
+
+#: temporary files of a sort that a killed or failed one may leave: in the cache folder (context.py's temporary
+#: files and extraction's spill files), in qc/ (the figures' job files, plots.FigureProcess)
+CACHE_LITTER = re.compile(r"^\..+\.part$")
+QC_LITTER = re.compile(r"^\.(" + "|".join(FIGURES) + r")\.[0-9a-f]{8}\.\d+\.npz$")
+
+
+def remove_litter(output_folder: Path, cache_folder: Path):
+    """Delete what an interrupted sort left: files of our temporary patterns only (CACHE_LITTER, QC_LITTER, the
+    export's staging folder). Called with both folders locked, so no running sort owns them."""
+    litter = [f for f in cache_folder.iterdir() if CACHE_LITTER.match(f.name) and f.is_file()]
+    if (output_folder / "qc").is_dir():
+        litter += [f for f in (output_folder / "qc").iterdir() if QC_LITTER.match(f.name) and f.is_file()]
+    for f in litter:
+        f.unlink(missing_ok=True)
+    staging = output_folder / STAGING
+    if staging.is_dir():
+        shutil.rmtree(staging, ignore_errors=True)
+        litter.append(staging)
+    if litter:
+        logger.info("removed %d temporary files left by an interrupted sort", len(litter))
+
+
+def run_locked(recording, output_folder: Path, params, verbose: bool, stop_after: str | None):
     with run_log(output_folder, verbose):
+        remove_litter(output_folder, cache_folder_of(output_folder, params or {}))
         ctx = build_context(recording, output_folder, params, verbose)
         logger.info("ks2py %s: %d channels, %.1f s, device %s", __version__, len(ctx.probe.chanMap),
                     ctx.params.n_samples / ctx.params.fs, ctx.ops.name)

@@ -253,6 +253,8 @@ class FigureProcess:
         for process in self.processes:
             process.kill()
             process.wait()
+        for job in self.qc.glob(f".*.{self.tag}.*.npz"):  # e.g. one half-written when the disk filled up
+            job.unlink(missing_ok=True)
 
     def __enter__(self):
         return self

@@ -40,6 +40,15 @@ class Ks2PySorter(BaseSorter):
         return sorter_params.get("device", "auto") != "cpu"
 
     @classmethod
+    def initialize_folder(cls, recording, output_folder, verbose, remove_existing_folder):
+        """SpikeInterface's, after a check that no sort is running in the folder it would delete first."""
+        from .context import raise_if_in_use
+
+        if output_folder is not None:
+            raise_if_in_use(Path(output_folder) / "sorter_output", "output folder")
+        return super().initialize_folder(recording, output_folder, verbose, remove_existing_folder)
+
+    @classmethod
     def _check_params(cls, recording, output_folder, sorter_params):
         from .pipeline import check_recording
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..io import binary_source, whole_rows
 from ..plots import spike_depths
+from . import tmp_files_to_delete
 
 logger = logging.getLogger("si_ks2py")
 
@@ -56,13 +58,32 @@ def save_rows(path, source, rows: np.ndarray, chunk: int = 2 ** 16):
         out[a:a + chunk] = source[rows[a:a + chunk]]
 
 
+STAGING = ".phy-export.part"  # the folder (in the output folder) the new files are written to first
+
+
 def write_phy(ctx, figures=None):
-    """Write the Phy folder into ctx.output_folder (replacing the files of an earlier export); ``figures`` (a
-    plots.FigureProcess) is asked for the templates figure and the drift map first, from the arrays of the files."""
+    """Write the Phy folder into ctx.output_folder, replacing the files of an earlier export only once every new
+    file is complete: they are written into a folder beside them (STAGING) and then renamed into place, so an
+    error on the way (an unreadable cache file, a full disk) leaves the earlier files as they were. ``figures``
+    (a plots.FigureProcess) is asked for the templates figure and the drift map first, from the arrays of the
+    files."""
     folder = Path(ctx.output_folder)
+    staging = folder / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed export (the sort holds the folder's lock)
+    staging.mkdir()
+    try:
+        write_phy_files(ctx, staging, figures)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for name in PHY_FILES:  # our names only: never the user's recording
+        os.replace(staging / name, folder / name)
+    staging.rmdir()
+
+
+def write_phy_files(ctx, folder: Path, figures=None):
+    """Every file of PHY_FILES into ``folder``."""
     ir, p = ctx.intermediate, ctx.params
-    for name in PHY_FILES:  # an earlier export's files (never the user's recording: those names are ours)
-        (folder / name).unlink(missing_ok=True)
     st3 = np.asarray(ir.st3_c)
     keep = np.asarray(ir.keep_c)
     order = np.argsort(st3[:, 0], kind="stable")
@@ -130,8 +151,12 @@ def write_small_files(ctx, folder: Path, st3, clusters, templates, whitening, wh
         dat_path, dtype, offset = ir.file_path("temp_wh.dat").absolute(), "int16", 0
         np.save(folder / "channel_map.npy", np.arange(n_chan, dtype=np.int32))
         n_channels_dat, hp_filtered = n_chan, True
+    note = ""
+    if source is None and "temp_wh.dat" in tmp_files_to_delete(ctx.user_params["delete_tmp_files"]):
+        # the whitened file is deleted after the export: phylib reads a blank dat_path as "no raw data file"
+        dat_path, note = "", "# no data file: the whitened file was deleted (delete_tmp_files)\n"
     (folder / "params.py").write_text(
-        f"dat_path = {os.fspath(dat_path)!r}\nn_channels_dat = {n_channels_dat}\ndtype = {dtype!r}\n"
+        f"{note}dat_path = {os.fspath(dat_path)!r}\nn_channels_dat = {n_channels_dat}\ndtype = {dtype!r}\n"
         f"offset = {offset}\nsample_rate = {float(p.fs)!r}\nhp_filtered = {hp_filtered}\n"
     )
 
@@ -141,4 +166,5 @@ def write_small_files(ctx, folder: Path, st3, clusters, templates, whitening, wh
     write_tsv(folder / "cluster_KSLabel.tsv", "KSLabel", ids, np.where(good[ids], "good", "mua"), "s")
     write_tsv(folder / "cluster_ContamPct.tsv", "ContamPct", ids, 100 * np.asarray(ir.est_contam_rate)[ids], ".1f")
     write_tsv(folder / "cluster_Amplitude.tsv", "Amplitude", ids, amplitude[ids], ".1f")
-    logger.info("phy folder: %d spikes, %d clusters (%d good) in %s", len(st3), len(ids), good[ids].sum(), folder)
+    logger.info("phy folder: %d spikes, %d clusters (%d good) in %s", len(st3), len(ids), good[ids].sum(),
+                ctx.output_folder)

@@ -7,6 +7,7 @@ Properties: ``KSLabel`` ("good" / "mua"), ``ContamPct``, ``Amplitude`` (from the
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,24 @@ PROPERTIES = {"KSLabel": str, "ContamPct": float, "Amplitude": float}
 
 
 def read_params_py(folder: Path) -> dict:
+    """The assignments of a Phy folder's params.py, read as literals (never run: the folder may be shared).
+    ValueError naming the file and line of anything other than ``name = literal``."""
+    path = Path(folder) / "params.py"
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except SyntaxError as err:
+        raise ValueError(f"{path} is not a Phy params.py (line {err.lineno}: {err.msg})") from None
     values: dict = {}
-    exec((Path(folder) / "params.py").read_text(), {}, values)
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
+        if not isinstance(target, ast.Name):
+            raise ValueError(f"{path}, line {node.lineno}: only assignments 'name = literal' are read (the file is "
+                             "parsed, never run); this line is something else")
+        try:
+            values[target.id] = ast.literal_eval(node.value)
+        except ValueError:
+            raise ValueError(f"{path}, line {node.lineno}: the value of '{target.id}' is not a literal (a number, "
+                             "string, bool, None, list, tuple or dict); the file is parsed, never run") from None
     return values
 
 

@@ -24,7 +24,7 @@ from .. import templates as tm
 from ..io import batch_prefetch, noise_units, on_own_streams, open_whitened, owned_spikes
 from ..probe import nearest_channels
 from ..progress import progress_bar
-from .reorder import isolated_peaks, spike_clips
+from .reorder import isolated_peaks, no_isolated_spikes_message, spike_clips
 
 logger = logging.getLogger("si_ks2py")
 
@@ -54,10 +54,8 @@ def extract_templates_from_snippets(ctx, data, rng) -> tuple[np.ndarray, np.ndar
         if n > 1e5:
             break
     if n < N_PROTOTYPES:
-        raise ValueError(
-            f"only {n} isolated spikes below detect_threshold={-p.spkTh} were found: too few to learn "
-            "waveform shapes. The recording may hold no spikes; check its scaling or lower detect_threshold."
-        )
+        raise ValueError(f"only {n} isolated spikes were found, too few to learn waveform shapes: "
+                         + no_isolated_spikes_message(ctx, data, range(0, p.Nbatch, p.nskip)))
     dd = xp.concatenate(clips).astype(xp.float64)  # [n, nt0]
     prototypes = dd[xp.asarray(rng.permutation(n)[:N_PROTOTYPES])].T  # [nt0, 6]
     prototypes /= xp.linalg.norm(prototypes, axis=0) + 1e-12
@@ -140,6 +138,15 @@ def select_templates(state, index):
         state[name] = state[name][index]
 
 
+def most_spikes(xp, nsp, most):
+    """The larger of ``most`` (None or a 0-d device array) and the largest of ``nsp``: kept on the device (no wait
+    for the GPU), read only for an error."""
+    if len(nsp) == 0:
+        return most
+    largest = nsp.max()
+    return largest if most is None else xp.maximum(most, largest)
+
+
 def sort_by_channel(ops, state, fixed, channel_overlap, nt0min: int):
     """Templates sorted by peak channel (coherent memory access, as in Kilosort), with their peak channels iW
     and neighbours (templates whose neighbourhoods overlap, from channel_overlap [Nchan, Nchan] bool) in
@@ -172,8 +179,11 @@ def run(ctx):
     state = {"W": xp.zeros((0, p.nt0, p.Nrank)), "U": xp.zeros((0, n_chan, p.Nrank)), "mu": xp.zeros(0),
              "nsp": xp.zeros(0), "dWU": xp.zeros((0, p.nt0, n_chan))}
 
+    seeded, most_active = [0], [None]  # for the error below: templates seeded, most spikes per batch at a triage
+
     def add_templates(new_dwu):
         n_new = len(new_dwu)
+        seeded[0] += n_new
         state["dWU"] = xp.concatenate([state["dWU"], new_dwu])[:max_templates]
         state["W"] = xp.concatenate([state["W"], xp.broadcast_to(W0, (n_new,) + W0.shape)])[:max_templates]
         state["U"] = xp.concatenate([state["U"], xp.zeros((n_new,) + state["U"].shape[1:])])[:max_templates]
@@ -206,17 +216,23 @@ def run(ctx):
                              on_residual=None if last else start_seeding)
             if not last:
                 if ib % 5 == 0:
+                    most_active[0] = most_spikes(xp, state["nsp"], most_active[0])
                     select_templates(state, tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0))
                 add_templates(seeding.pop().result())
             bar.set_postfix(templates=len(state["dWU"]))
             bar.update()
     bar.close()
 
+    most_active[0] = most_spikes(xp, state["nsp"], most_active[0])
     keep = tm.triage(state["W"], state["U"], state["mu"], state["nsp"], m0)
     select_templates(state, keep)
-    if len(state["W"]) == 0:
+    if len(state["W"]) == 0 and seeded[0] == 0:
         raise ValueError("template learning found no templates: the recording seems to hold no spikes above "
                          f"projection_threshold={p.Th}")
+    if len(state["W"]) == 0:  # triage drops a template for a low rate, or for a twin that fires more (and is kept)
+        rate = 0.0 if most_active[0] is None else float(ops.to_host(most_active[0])) * p.fs / p.NT
+        raise ValueError(f"template learning seeded {seeded[0]} templates and dropped every one for firing below "
+                         f"minFR={p.minFR:g} Hz (the most active reached {rate:.3g} Hz): lower minFR")
     iW = tm.peak_channels(state["dWU"], p.nt0min)
     sim = tm.similarity(ops, state["W"].astype(xp.float32), state["U"].astype(xp.float32), fixed["iC"], iW, n_chan,
                         n_near)

@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..io import (RecordingReader, chunk_windows, is_pinned, large_host_array, on_own_streams, pin_when_populated,
-                  prefetch, whitened_fits_in_memory, write_rows)
+from ..io import (RecordingReader, chunk_digest, chunk_windows, combined_digest, is_pinned, large_host_array,
+                  on_own_streams, pin_when_populated, prefetch, whitened_fits_in_memory, write_rows)
 from ..progress import progress_bar
 
 logger = logging.getLogger("si_ks2py")
@@ -71,6 +71,24 @@ def filter_coefficients(params) -> tuple[np.ndarray, np.ndarray]:
     if params.fslow is not None and params.fslow < nyquist:
         return butterworth(3, (params.fshigh / nyquist, params.fslow / nyquist))
     return butterworth(3, (params.fshigh / nyquist,))
+
+
+def passband_width(params) -> float:
+    """Hz where the filter of ``params`` (forward-backward, as the passes filter) passes at least half of its
+    peak power, from its impulse response over 2 s (0.25 Hz resolution)."""
+    from ..cpu import ops as host_ops
+
+    n = int(2 * params.fs)
+    impulse = np.zeros((n, 1), np.float32)
+    impulse[n // 2] = 1
+    response = host_ops.filtfilt_zero_state(impulse, *filter_coefficients(params))[:, 0].astype(np.float64)
+    gain = np.abs(np.fft.rfft(response, 2 * n))  # filtfilt: the power gain of one pass
+    return float(np.count_nonzero(gain >= 0.5 * gain.max()) * params.fs / (2 * n))
+
+
+#: narrower than this, a filter band leaves spikes (about 1 ms wide: most of their power between 300 and 5000 Hz)
+#: unrecognisable; blamed only when no channel has crossings
+SPIKE_BAND_HZ = 500.0
 
 
 def filter_traces(ops, traces, params, coefficients):
@@ -140,10 +158,17 @@ def get_good_channels(ops, reader: RecordingReader, params) -> np.ndarray:
 
 
 def whitening_from_covariance(cc: np.ndarray) -> np.ndarray:
-    """whiteningFromCovariance.m: symmetric ZCA whitener E diag(1/sqrt(d + 1e-6)) E' of a covariance (float64);
-    cc may be a stack [..., n, n] of covariances."""
+    """whiteningFromCovariance.m: symmetric ZCA whitener E diag(1/sqrt(d + eps)) E' of a covariance (float64);
+    cc may be a stack [..., n, n] of covariances.
+
+    Kilosort's eps is 1e-6, an absolute value: for float data of a small scale (volts: eigenvalues about 1e-10)
+    it swamped the covariance and the whitened data vanished in the int16 conversion. eps is 1e-6 times the mean
+    eigenvalue where that is smaller, so the whitening no longer depends on the data's scale there; data whose
+    mean eigenvalue is 1 or more (integer data, microvolts) keeps 1e-6 exactly, and its results."""
     d, e = np.linalg.eigh(cc)
-    return (e / np.sqrt(np.maximum(d, 0) + 1e-6)[..., None, :]) @ np.swapaxes(e, -1, -2)
+    d = np.maximum(d, 0)
+    eps = np.minimum(1e-6, 1e-6 * d.mean(axis=-1, keepdims=True))
+    return (e / np.sqrt(d + eps)[..., None, :]) @ np.swapaxes(e, -1, -2)
 
 
 def whitening_local(cc: np.ndarray, xc: np.ndarray, yc: np.ndarray, n_range: int) -> np.ndarray:
@@ -213,15 +238,19 @@ def to_int16(ops, x):
 def whiten_chunk(ops, reader: RecordingReader, wrot_dev, params, coefficients, pinned_copy, window):
     """One chunk of the main pass: filtered with its context, whitened, scaled to int16 [n_out, Nchan]. Copied by
     DMA straight into its rows of ``pinned_copy()`` (the in-memory copy [n_samples, Nchan] once page-locked, else
-    None) and None returned; otherwise returned on the host."""
+    None) and None returned; otherwise returned on the host. Returns (that, io.chunk_digest of the raw traces of
+    the chunk's own samples, every channel: hashed on the host buffer read, while the device works)."""
     read, out = window
-    raw = reader.to_device(ops, reader.read_staged(ops, *read))
-    x = whitened_int16(ops, raw, slice(out[0] - read[0], out[1] - read[0]), wrot_dev, params, coefficients)
+    own = slice(out[0] - read[0], out[1] - read[0])
+    host = reader.read_staged(ops, *read)
+    raw = reader.to_device(ops, host)
+    x = whitened_int16(ops, raw, own, wrot_dev, params, coefficients)
+    digest = chunk_digest(host[own])
     destination = pinned_copy()
     if destination is None:
-        return np.ascontiguousarray(ops.to_host(x))
+        return np.ascontiguousarray(ops.to_host(x)), digest
     ops.copy_to_host(x, destination[out[0]:out[1]])
-    return None
+    return None, digest
 
 
 def whitened_int16(ops, raw, own: slice, wrot_dev, params, coefficients):
@@ -263,14 +292,16 @@ def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store
     """The main pass: every chunk filtered with its context, whitened, scaled, int16 [n_out, Nchan], by
     GPU_WORKERS threads side by side. A chunk goes straight into ``pinned_copy()`` where that gives the in-memory
     copy (page-locked); otherwise ``store(block, out)`` is called for it by writer threads while the next ones are
-    processed (in order with one writer; several may store chunks side by side)."""
+    processed (in order with one writer; several may store chunks side by side). Returns the raw chunks'
+    digests in order (io.chunk_digest)."""
     windows = [chunk_windows(k, params.NT, params.ntbuff, params.n_samples) for k in range(params.Nbatch)]
     chunk = functools.partial(whiten_chunk, ops, reader, ops.asarray(wrot, dtype=ops.xp.float32), params,
                               filter_coefficients(params), pinned_copy)
     bar = progress_bar(total=len(windows), desc="preprocess", unit="batch", enabled=show_progress)
     with ThreadPoolExecutor(max_workers=store_workers) as writer:
-        stored = collections.deque()
-        for (_, out), block in prefetch(on_own_streams(ops, chunk), windows, GPU_WORKERS):
+        stored, digests = collections.deque(), []
+        for (_, out), (block, digest) in prefetch(on_own_streams(ops, chunk), windows, GPU_WORKERS):
+            digests.append(digest)
             while len(stored) > store_workers:  # bounded: each waiting block holds a page-locked buffer
                 stored.popleft().result()
             if block is not None:
@@ -279,6 +310,7 @@ def write_whitened(ops, reader: RecordingReader, wrot: np.ndarray, params, store
         for future in stored:
             future.result()
     bar.close()
+    return digests
 
 
 def run(ctx):
@@ -302,6 +334,15 @@ def run(ctx):
         # released after each pass, the passes' blocks do not add up
         ops.release_memory()
     if not igood.any():
+        width = passband_width(params)
+        if width < SPIKE_BAND_HZ:
+            band = f"fslow={params.fslow:g} Hz, " if params.fslow is not None else ""
+            raise ValueError(
+                f"no channel has threshold crossings at {params.minfr_goodchannels} Hz or more: the filter "
+                f"(freq_min={params.fshigh:g} Hz, {band}{params.fs:g} Hz sampling) passes a band of only "
+                f"{width:.3g} Hz, where spikes need about 300 to 5000 Hz. Widen it: lower freq_min (default 150), "
+                "or raise fslow (or leave it None)"
+            )
         raise ValueError(
             f"no channel has threshold crossings at {params.minfr_goodchannels} Hz or more (detect_threshold="
             f"{-params.spkTh}): the recording may hold no spikes, or its scaling may be wrong. Set "
@@ -326,12 +367,14 @@ def run(ctx):
         def pinned_copy():  # the chunks finished once the copy is page-locked go straight into it
             return whitened if is_pinned(pinning) else None
 
-        write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, STORE_WORKERS, pinned_copy)
+        digests = write_whitened(ops, reader, wrot, params, keep, ctx.show_progress, STORE_WORKERS, pinned_copy)
         if not ctx.get("whitened_file_by_drift"):  # else the drift stage corrects the copy, then writes the file
             ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, whitened))
         ctx.whitened = whitened
     else:
         with ir.write_file("temp_wh.dat") as tmp, open(tmp, "wb") as f:
-            write_whitened(ops, reader, wrot, params, lambda block, out: f.write(memoryview(block)),
-                           ctx.show_progress)
+            digests = write_whitened(ops, reader, wrot, params, lambda block, out: f.write(memoryview(block)),
+                                     ctx.show_progress)
     ir.igood, ir.chanMap, ir.xc, ir.yc, ir.kcoords, ir.Wrot = igood, chan_map, xc, yc, kcoords, wrot
+    # what a rerun checks the recording against before it skips any stage (pipeline.check_recording_content)
+    ir.record_recording(ctx.get("recording_identity"), combined_digest(digests))

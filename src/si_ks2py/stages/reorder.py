@@ -59,6 +59,27 @@ def isolated_peaks(ops, S, params):
     return rows.astype(np.int64), cols.astype(np.int64)
 
 
+def no_isolated_spikes_message(ctx, data, batches) -> str:
+    """Why ``batches`` of the whitened data gave no isolated peaks, from what they hold: no sample below
+    -detect_threshold at all, or peaks below it so many that none is alone within long_range."""
+    ops, p = ctx.ops, ctx.params
+    n_peaks, lowest = 0, np.inf
+    (lt, lc) = p.loc_range
+    for k, raw in batch_prefetch(ctx, data, batches):
+        S = noise_units(ctx, raw)[p.nt0:-p.nt0 - 1]
+        smin = ops.running_min(ops.running_min(S, lt, axis=0), lc, axis=1)
+        n_peaks += int(ops.to_host(((S < smin + 1e-3) & (S < p.spkTh)).sum()))
+        lowest = min(lowest, float(ops.to_host(S.min())) if S.size else np.inf)
+    threshold = -p.spkTh
+    if n_peaks:
+        return (f"{n_peaks} peaks below detect_threshold={threshold:g} were found in the whitened data (noise has "
+                f"unit variance), but none alone within long_range={p.long_range}: the threshold is so low that "
+                f"noise peaks crowd every spike. Raise detect_threshold (default 6)")
+    advice = "lower detect_threshold, or " if threshold > 0.5 else ""
+    return (f"no sample of the whitened data went below -detect_threshold={-threshold:g} (lowest: {lowest:.2f}, in "
+            f"units of the noise): the recording may hold no spikes; {advice}check its scaling")
+
+
 def spike_clips(ops, S, rows, cols, params):
     """get_SpikeSample.m: single-channel clips [n, nt0] with the trough at index nt0min - 1."""
     xp = ops.xp
@@ -84,10 +105,8 @@ def extract_pc_from_snippets(ctx, data, n_pcs: int) -> np.ndarray:
         clips = spike_clips(ops, S, rows, cols, p).astype(ops.xp.float64)
         cc += ops.to_host(clips.T @ clips) / 1000
     if not cc.any():
-        raise ValueError(
-            f"no isolated spikes below detect_threshold={-p.spkTh} were found in the whitened data: the recording "
-            "may hold no spikes; check its scaling or lower detect_threshold"
-        )
+        raise ValueError("no isolated spikes were found: " + no_isolated_spikes_message(ctx, data,
+                                                                                         range(0, p.Nbatch, 100)))
     return waveform_pcs(ops, cc, n_pcs, p.nt0min)
 
 
