@@ -148,3 +148,23 @@ def test_a_given_motion_is_applied_and_the_estimate_is_saved_as_motion(two_shank
     assert with_motion["drift"] != stage_fingerprints("rec", {**base, "motion": other})["drift"]
     given.save(tmp_path / "given")
     assert with_motion == stage_fingerprints("rec", {**base, "motion": str(tmp_path / "given")})
+
+
+@pytest.mark.parametrize("nblocks", [1, 3])
+def test_registration_recovers_rolled_histograms_and_fills_empty_batches(nblocks):
+    """Histograms of one batch moved up by k bins register at -k bins (the data at y must move down: Kilosort's
+    sign), in every block; an empty batch takes its neighbours' shift instead of Kilosort 2.5's -15 x 9 bins."""
+    rng = np.random.default_rng(0)
+    n_bins, n_batch = 200, 12
+    base = rng.poisson(2.0, size=(n_bins, drift.AMPLITUDE_BINS)).astype(np.float32)
+    base = np.log2(1 + base)
+    moves = np.array([0, 1, 2, 3, 2, 1, 0, -1, -2, -3, -2, -1])
+    F = np.stack([np.roll(base, k, axis=0) for k in moves])
+    imin, yblk = drift.register(F, np.arange(n_bins) * 5.0, nblocks)
+    assert imin.shape == (n_batch, 2 * nblocks - 1) and len(yblk) == 2 * nblocks - 1
+    reference = imin - imin[6]  # batch 6 is unmoved; the register's reference is one of the batches
+    np.testing.assert_allclose(reference, -moves[:, None] * np.ones((1, 2 * nblocks - 1)), atol=0.15)
+    counts = np.full(n_batch, 500)
+    counts[4] = 0
+    shifts = drift.fill_sparse_batches(imin * drift.BIN_UM, counts)
+    assert shifts[4, 0] == pytest.approx((shifts[3, 0] + shifts[5, 0]) / 2)
