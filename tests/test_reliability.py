@@ -163,7 +163,7 @@ def test_changed_samples_or_shanks_are_noticed_and_everything_reruns(tmp_path, c
     recording = small_recording(duration=4.0).save(folder=tmp_path / "rec", verbose=False)
     out = tmp_path / "out"
     first = pipeline.run(recording, out, params, verbose=False, stop_after="reorder")
-    assert set(first.timings) == {"preprocess", "reorder"}
+    assert set(first.timings) == {"preprocess", "drift", "reorder"}
     again = pipeline.run(sc.load(tmp_path / "rec"), out, params, verbose=False, stop_after="reorder")
     assert again.timings == {}
     path = recording.get_binary_description()["file_paths"][0]
@@ -186,7 +186,7 @@ def test_changed_samples_or_shanks_are_noticed_and_everything_reruns(tmp_path, c
     assert touched.timings == {}  # the cheap identity cannot see it...
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # ...until the file's time says it changed
     changed = pipeline.run(sc.load(tmp_path / "rec"), out, params, verbose=False, stop_after="reorder")
-    assert set(changed.timings) == {"preprocess", "reorder"}
+    assert set(changed.timings) == {"preprocess", "drift", "reorder"}
     assert pipeline.run(sc.load(tmp_path / "rec"), out, params, verbose=False, stop_after="reorder").timings == {}
 
     # an in-memory recording: no cheap identity, every sample compared on each rerun
