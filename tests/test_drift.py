@@ -168,3 +168,23 @@ def test_registration_recovers_rolled_histograms_and_fills_empty_batches(nblocks
     counts[4] = 0
     shifts = drift.fill_sparse_batches(imin * drift.BIN_UM, counts)
     assert shifts[4, 0] == pytest.approx((shifts[3, 0] + shifts[5, 0]) / 2)
+
+
+def test_the_file_path_corrects_as_the_in_memory_copy(tmp_path, monkeypatch):
+    """A recording whose whitened data does not fit in memory is corrected file to file (written beside the
+    uncorrected one, then put in its place): the same corrected data as the in-memory correction, and a rerun
+    skips every stage."""
+    from si_ks2py.stages import preprocess
+
+    _, moving, _, _ = drifting(seed=8, n_rows=24, gradient=None, duration=20.0, units=12)
+    recording = moving.astype("int16").save(folder=tmp_path / "rec", verbose=False)
+    params = {"device": "cpu", "progress": False}
+    in_memory = run(recording, tmp_path / "memory", params, verbose=False, stop_after="drift")
+    monkeypatch.setattr(preprocess, "whitened_fits_in_memory", lambda n_bytes: False)
+    on_disk = run(recording, tmp_path / "disk", params, verbose=False, stop_after="drift")
+    assert on_disk.whitened is None and np.abs(np.asarray(on_disk.intermediate.channel_shifts)).max() > 1
+    shape = (on_disk.params.n_samples, len(on_disk.intermediate.chanMap))
+    files = [np.fromfile(ctx.intermediate.file_path("temp_wh.dat"), dtype=np.int16).reshape(shape)
+             for ctx in (in_memory, on_disk)]
+    np.testing.assert_array_equal(files[0], files[1])
+    assert run(recording, tmp_path / "disk", params, verbose=False, stop_after="drift").timings == {}
