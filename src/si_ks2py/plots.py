@@ -52,28 +52,21 @@ def spike_depths(pc_features, rows, pc_feature_ind, spike_templates, yc):
 
 
 def drift_map(path, times_s, depths, amplitudes):
-    """Summed spike amplitude per (time, depth) bin as an image: every spike counts, and drawing it costs the same
-    for a million spikes as for a thousand (a scatter plot of them took seconds)."""
+    """Kilosort's drift map of the sorted spikes: each spike a point at its time and depth, darker the larger (black
+    from the 95th percentile of the amplitudes up; drift_points)."""
     fig = new_figure((10, 5))
     ax = fig.subplots()
     if len(times_s):
-        span_t = max(float(times_s.max()), 1e-3)
-        low, high = float(depths.min()), float(depths.max())
-        depth_bins = max(1, min(400, int(np.ceil((high - low) / 5))))  # 5 um bins, at most 400
-        image, t_edges, d_edges = np.histogram2d(times_s, depths, bins=(min(1000, max(1, int(span_t))), depth_bins),
-                                                 range=((0, span_t), (low, max(high, low + 1e-3))),
-                                                 weights=amplitudes)
-        shown = ax.imshow(image.T, origin="lower", aspect="auto", cmap="Greys", interpolation="nearest",
-                          extent=(t_edges[0], t_edges[-1], d_edges[0], d_edges[-1]),
-                          vmax=max(np.percentile(image[image > 0], 99), 1e-12) if (image > 0).any() else None)
-        fig.colorbar(shown, ax=ax, label="summed amplitude per bin (whitened units)")
-    ax.set(xlabel="time (s)", ylabel="depth (um)", title="drift map")
+        extent = (0.0, max(float(times_s.max()), 1e-3), float(depths.min()), max(float(depths.max()),
+                                                                                float(depths.min()) + 1e-3))
+        drift_points(ax, times_s, depths, amplitudes, 0.0, extent, max(float(np.percentile(amplitudes, 95)), 1e-12))
+    ax.set(xlabel="time (s)", ylabel="depth (um)", title="drift map (sorted spikes, darker: larger)")
     save_png(fig, path)
 
 
-def drift_points(ax, times_s, depths, amplitudes, threshold, extent):
+def drift_points(ax, times_s, depths, amplitudes, threshold, extent, scale: float = 40.0):
     """Kilosort's drift map in one panel: each spike a dark point at its time and depth, darker the larger (grey
-    level 1 - (amplitude - threshold) / 40), the darkest drawn over the others. Drawn as an image of 800 x 600
+    level 1 - (amplitude - threshold) / scale), the darkest drawn over the others. Drawn as an image of 800 x 600
     points, so that an hour of spikes costs what a minute does. extent: (t0, t1, d0, d1)."""
     width, height = 800, 600
     image = np.ones((height, width))
@@ -81,7 +74,7 @@ def drift_points(ax, times_s, depths, amplitudes, threshold, extent):
         t0, t1, d0, d1 = extent
         col = np.clip(((times_s - t0) / max(t1 - t0, 1e-9) * (width - 1)).astype(np.int64), 0, width - 1)
         row = np.clip(((depths - d0) / max(d1 - d0, 1e-9) * (height - 1)).astype(np.int64), 0, height - 1)
-        grey = np.clip(1 - (amplitudes - threshold) / 40, 0, 0.9)
+        grey = np.clip(1 - (amplitudes - threshold) / scale, 0, 0.9)
         order = np.argsort(-grey, kind="stable")  # the last write of a pixel wins: the darkest
         image[row[order], col[order]] = grey[order]
     ax.imshow(image, origin="lower", aspect="auto", cmap="gray", vmin=0, vmax=1, interpolation="nearest",
