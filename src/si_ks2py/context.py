@@ -434,5 +434,7 @@ class Context(Bunch):
     ``whitened`` (the whitened data in host memory when this run's preprocessing kept it there, else None),
     ``whitened_pinning`` (the future of its page-locking, see io.pin_when_populated, or None), ``figures``
     (the process drawing the QC figures, plots.FigureProcess, or None), ``kernels_loading`` (the thread loading
-    preprocessing's kernels on the GPU, see preprocess.load_kernels, or None) and ``recording_identity`` (the
-    recording's cheap identity, pipeline.recording_identity, or None)."""
+    preprocessing's kernels on the GPU, see preprocess.load_kernels, or None), ``recording_identity`` (the
+    recording's cheap identity, pipeline.recording_identity, or None) and ``whitened_file_by_drift`` (set by
+    run_stages: the drift stage of this run writes the whitened file, from the copy it corrects, so preprocessing
+    does not)."""
