@@ -188,3 +188,20 @@ def test_the_file_path_corrects_as_the_in_memory_copy(tmp_path, monkeypatch):
              for ctx in (in_memory, on_disk)]
     np.testing.assert_array_equal(files[0], files[1])
     assert run(recording, tmp_path / "disk", params, verbose=False, stop_after="drift").timings == {}
+
+
+def test_a_motion_folder_given_as_param_is_applied(two_shanks, tmp_path):
+    """run(..., motion=<a saved Motion folder>): the drift stage applies it (every channel of both shanks moved
+    by minus its displacement), whatever its own estimate; a folder that holds no Motion is refused by name."""
+    from spikeinterface.core.motion import Motion
+
+    ctx, _, _, _ = two_shanks
+    Motion(displacement=[np.full((2, 1), -6.0)], temporal_bins_s=[np.array([0.0, 60.0])],
+           spatial_bins_um=np.array([300.0])).save(tmp_path / "motion")
+    given = run(ctx.raw_data, tmp_path / "out", {"device": "cpu", "progress": False,
+                                                 "motion": str(tmp_path / "motion")},
+                verbose=False, stop_after="drift")
+    np.testing.assert_allclose(np.asarray(given.intermediate.channel_shifts), 6.0)
+    with pytest.raises(ValueError, match="not the folder of a saved SpikeInterface Motion"):
+        run(ctx.raw_data, tmp_path / "bad", {"device": "cpu", "progress": False, "motion": str(tmp_path)},
+            verbose=False, stop_after="drift")
