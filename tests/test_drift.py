@@ -132,9 +132,8 @@ def test_a_given_motion_is_applied_and_the_estimate_is_saved_as_motion(two_shank
     # a rigid motion of +10 um at every time: every channel is shifted by -10 um (Kilosort's sign)
     given = Motion(displacement=[np.full((3, 1), 10.0)], temporal_bins_s=[np.array([0.0, 30.0, 60.0])],
                    spatial_bins_um=np.array([300.0]))
-    xc, yc = np.asarray(ir.xc, dtype=float), np.asarray(ir.yc, dtype=float)
-    kcoords = np.asarray(ir.kcoords)
-    dshift, yblk = drift.shifts_from_motion(given, ctx.raw_data, xc, yc, kcoords, np.unique(kcoords), p)
+    yc, kcoords = np.asarray(ir.yc, dtype=float), np.asarray(ir.kcoords)
+    dshift, yblk = drift.shifts_from_motion(given, ctx.raw_data, np.unique(kcoords), p)
     shifts = drift.channel_shifts_from(dshift, yblk, yc, kcoords, np.unique(kcoords))
     np.testing.assert_allclose(shifts, -10.0)
     # and through the params: the cache fingerprint follows the motion's content

@@ -29,7 +29,7 @@ def queue_batch_figure(figures: FigureProcess, ir):
 def drift_outputs(ctx, figures: FigureProcess | None):
     """Where the drift stage ran: the motion as SpikeInterface Motion folders (motion/, or motion/shank<k>/ per
     shank of a multi-shank probe) and the drift-correction figure."""
-    from ..stages.drift import batch_times_s, interpolate_shifts
+    from ..stages.drift import batch_of, batch_times_s, interpolate_shifts
     from .motion import save_motion
 
     ir, p = ctx.intermediate, ctx.params
@@ -39,7 +39,7 @@ def drift_outputs(ctx, figures: FigureProcess | None):
     if figures is None:
         return
     stride = p.NT - p.ntbuff
-    batch = np.minimum(st0[:, 0] // stride, p.Nbatch - 1).astype(np.int64)
+    batch = batch_of(st0[:, 0], stride, p.Nbatch)
     shank = st0[:, 3].astype(np.int64)
     corrected = st0[:, 1].copy()
     for index in range(len(yblk)):  # first order: a spike recorded at y is at y + dshift(y) after correction

@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from ..context import Bunch, fingerprint
-from ..io import WhitenedData, batch_prefetch, is_pinned, noise_units, open_whitened, owned_spikes, write_rows
+from ..io import (WhitenedData, batch_margin, batch_prefetch, is_pinned, noise_units, open_whitened, owned_spikes,
+                  write_rows)
 from ..progress import progress_bar
 from .learn import extract_templates_from_snippets
 
@@ -146,7 +147,7 @@ def detect_spikes(ctx, data: WhitenedData, wTEMP: np.ndarray, grid: Bunch) -> np
     on_device = Bunch({name: ops.asarray(grid[name]) for name in ("iC", "weights", "neighbours", "y", "shank")})
     yc = ops.asarray(np.asarray(ir.yc, dtype=np.float32))
     wTEMP_d = ops.asarray(wTEMP)
-    stride, start = p.NT - p.ntbuff, 3 * p.nt0  # batch k read from stride k - margin (io.batch_margin)
+    stride, start = p.NT - p.ntbuff, batch_margin(p)  # batch k is read from stride k - margin
     parts = []
     bar = progress_bar(total=p.Nbatch, desc="drift", unit="batch", enabled=ctx.show_progress)
     for k, raw in batch_prefetch(ctx, data, range(p.Nbatch)):
@@ -161,6 +162,11 @@ def detect_spikes(ctx, data: WhitenedData, wTEMP: np.ndarray, grid: Bunch) -> np
 
 
 # --- registration ---------------------------------------------------------------------------------------------
+def batch_of(samples: np.ndarray, stride: int, n_batch: int) -> np.ndarray:
+    """[n] int64: the batch whose own samples hold each sample (of the sorted range)."""
+    return np.minimum(samples // stride, n_batch - 1).astype(np.int64)
+
+
 def depth_histograms(st0: np.ndarray, n_batch: int, stride: int, y_low: float, y_high: float,
                      threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """One shank's fingerprints: (F [Nbatch, n_bins, 20] float32, log2(1 + spike count) per depth and
@@ -168,7 +174,7 @@ def depth_histograms(st0: np.ndarray, n_batch: int, stride: int, y_low: float, y
     bins run from y_low - 1 to y_high (the shank's sites) in 5 um."""
     d0 = y_low - 1
     n_bins = 1 + int(math.ceil((y_high - d0) / BIN_UM))
-    batch = np.minimum(st0[:, 0] // stride, n_batch - 1).astype(np.int64)
+    batch = batch_of(st0[:, 0], stride, n_batch)
     depth_bin = np.clip(np.ceil((st0[:, 1] - d0) / BIN_UM).astype(np.int64) - 1, 0, n_bins - 1)
     amplitude = np.minimum(AMPLITUDE_MAX - 1, np.floor(st0[:, 2]))
     amplitude_bin = np.ceil(1e-5 + AMPLITUDE_BINS * (np.log10(amplitude) - np.log10(threshold))
@@ -230,7 +236,7 @@ def register(F: np.ndarray, ysamp: np.ndarray, nblocks: int) -> tuple[np.ndarray
     kernel = np.exp(-(lags[:, None] - fine[None, :]) ** 2 / 2)  # [lags, fine]
     upsampled = np.einsum("nlj,lu->nuj", dcs, kernel)
     imin = total[:, None] + fine[np.argmax(upsampled, axis=1)]
-    return imin, np.array([ysamp[a:b].mean() for a, b in edges])
+    return imin, block_centres(ysamp, nblocks)
 
 
 def fill_sparse_batches(dshift: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -246,7 +252,7 @@ def fill_sparse_batches(dshift: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return dshift
 
 
-def estimate_drift(st0: np.ndarray, xc, yc, kcoords, grid: Bunch, params) -> tuple[np.ndarray, np.ndarray]:
+def estimate_drift(st0: np.ndarray, yc, kcoords, grid: Bunch, params) -> tuple[np.ndarray, np.ndarray]:
     """(dshift [Nbatch, n_shanks, nblk] um, yblk [n_shanks, nblk] um) of every shank, registered on its own."""
     stride = params.NT - params.ntbuff
     n_blk = 2 * params.nblocks - 1
@@ -267,18 +273,17 @@ def estimate_drift(st0: np.ndarray, xc, yc, kcoords, grid: Bunch, params) -> tup
             imin, centres = np.zeros((params.Nbatch, 2 * nblocks - 1)), block_centres(ysamp, nblocks)
         else:
             imin, centres = register(F, ysamp, nblocks)
-        counts = np.bincount(np.minimum(mine[:, 0] // stride, params.Nbatch - 1).astype(np.int64),
-                             minlength=params.Nbatch)
+        counts = np.bincount(batch_of(mine[:, 0], stride, params.Nbatch), minlength=params.Nbatch)
         shifts = fill_sparse_batches(imin * BIN_UM, counts)
         # a shank with fewer blocks is resampled onto nblk block centres, so that every shank has the same shape
         span = (centres[0], centres[-1]) if len(centres) > 1 else (ysamp[0], ysamp[-1])
         yblk[index] = np.linspace(*span, n_blk)
-        for b in range(params.Nbatch):
-            dshift[b, index] = interpolate_shifts(centres, shifts[b], yblk[index])
+        dshift[:, index] = interpolate_shifts(centres, shifts.T, yblk[index]).T
     return dshift, yblk
 
 
 def block_centres(ysamp: np.ndarray, nblocks: int) -> np.ndarray:
+    """yblk [nblk]: the mean depth of each block's bins."""
     return np.array([ysamp[a:b].mean() for a, b in block_edges(len(ysamp), nblocks)])
 
 
@@ -332,7 +337,7 @@ def batch_times_s(recording, params) -> np.ndarray:
     return np.asarray(recording.sample_index_to_time(middle, segment_index=0), dtype=np.float64)
 
 
-def shifts_from_motion(motion, recording, xc, yc, kcoords, shanks, params) -> tuple[np.ndarray, np.ndarray]:
+def shifts_from_motion(motion, recording, shanks, params) -> tuple[np.ndarray, np.ndarray]:
     """(dshift [Nbatch, n_shanks, nblk], yblk [n_shanks, nblk]) sampled from a SpikeInterface Motion at each
     batch's middle and at its spatial bins (its displacement is minus ks2py's shift)."""
     m = load_motion(motion)
@@ -423,19 +428,18 @@ def run(ctx):
     logger.info("drift: %d spikes detected on %d grid points of %d shank(s)", len(st0), len(grid.x), len(grid.shanks))
     motion = ctx.user_params["motion"]
     if motion is not None:
-        dshift, yblk = shifts_from_motion(motion, ctx.raw_data, xc, yc, kcoords, grid.shanks, p)
+        dshift, yblk = shifts_from_motion(motion, ctx.raw_data, grid.shanks, p)
     else:
-        dshift, yblk = estimate_drift(st0, xc, yc, kcoords, grid, p)
+        dshift, yblk = estimate_drift(st0, yc, kcoords, grid, p)
     shifts = channel_shifts_from(dshift, yblk, yc, kcoords, grid.shanks)
     logger.info("drift: shifts from %.1f to %.1f um (median over channels, batches)",
                 *np.percentile(np.median(shifts, axis=1), [0, 100]))
-    if not shifts.any():  # nothing to correct: the data stay as they are (kriging at zero shift smooths a little)
-        if ctx.whitened is not None:
-            ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, ctx.whitened))
-        else:
-            ir.file_path("temp_wh.dat")  # recorded by preprocessing, valid
-    elif ctx.whitened is not None:
+    # nothing to correct: the data stay as they are (kriging at zero shift smooths a little); preprocessing wrote
+    # the file unless it left it to this stage's in-memory correction
+    if shifts.any() and ctx.whitened is not None:
         correct_in_memory(ctx, shifts)
-    else:
+    elif shifts.any():
         correct_file(ctx, shifts)
+    elif ctx.whitened is not None:
+        ir.write_file_in_background("temp_wh.dat", lambda f: write_rows(f, ctx.whitened))
     ir.dshift, ir.yblk, ir.channel_shifts, ir.st0 = dshift, yblk, shifts, st0
